@@ -1,0 +1,31 @@
+"""The ``pixellm`` command: LightningCLI over PixelLMTask and any LightningDataModule.
+
+    pixellm fit --config configs/shapes.yaml
+    pixellm validate --config configs/shapes.yaml --ckpt_path last
+    pixellm predict --config configs/shapes.yaml --ckpt_path PATH
+    pixellm fit --config configs/shapes.yaml --print_config
+"""
+
+from __future__ import annotations
+
+from lightning import LightningDataModule
+from lightning.pytorch.cli import LightningCLI
+
+from pixellm.task import PixelLMTask
+
+
+def main(args: list[str] | None = None) -> LightningCLI:
+    """Run the CLI with ``args`` (``None`` reads ``sys.argv``)."""
+    return LightningCLI(
+        PixelLMTask,
+        LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        auto_configure_optimizers=False,
+        save_config_kwargs={"overwrite": True},
+        args=args,
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,311 @@
+"""The LLaVA-style large multimodal model: vision-to-language projection, LLM, LoRA (Fig. 2, F and p_V->T).
+
+Built on ``transformers.LlavaForConditionalGeneration`` (v5 module names: ``model.language_model``,
+``model.multi_modal_projector``, ``lm_head``). The vision tower inside LLaVA is dropped: the multi-scale
+encoder of ``pixellm.model.vision`` replaces it, and its coarse scale feeds :meth:`LlavaLMM.embed_image`.
+
+The image is spliced into the text by :meth:`LlavaLMM.build_inputs`: each sequence carries exactly one
+image placeholder token, which is replaced by the ``P`` projected image tokens, so data pipelines need not
+know ``P``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import (
+    CLIPVisionConfig,
+    DynamicCache,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+)
+
+
+@dataclass
+class LoraSettings:
+    """LoRA on the language model only (official: r=8, alpha=16, dropout 0.05 on q_proj/v_proj).
+
+    Attributes:
+        r: rank of the update.
+        alpha: scaling numerator (the update is scaled by alpha / r).
+        dropout: dropout on the LoRA input.
+        target_modules: projection names inside the language model's attention/MLP blocks.
+    """
+
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.05
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def pattern(self) -> str:
+        """Regex (``re.fullmatch`` on module names) hitting only the language model, never the vision side."""
+        names = "|".join(re.escape(name) for name in self.target_modules)
+        return rf".*language_model\..*\.({names})"
+
+
+@dataclass
+class MultimodalInputs:
+    """Text and image spliced into one sequence of embeddings, ``S' = S - 1 + P``."""
+
+    inputs_embeds: Tensor  # (B, S', H)
+    attention_mask: Tensor  # (B, S')
+    position_ids: Tensor  # (B, S')
+    token_ids: Tensor  # (B, S') the image positions hold the image token id
+    labels: Tensor | None  # (B, S') -100 on image positions, or None
+
+
+class LlavaLMM(nn.Module):
+    """LLaVA language side: projector p_V->T, optional image-token pooling, the LLM and its LM head.
+
+    Args:
+        pretrained: a LOCAL directory of a Hugging Face LLaVA checkpoint (``from_pretrained``); no download.
+        text_config: keyword arguments of ``LlamaConfig`` for a randomly initialised model (tiny tests);
+            exactly one of ``pretrained`` and ``text_config`` is given.
+        vision_channels: channels of the vision features fed to the projector (with ``text_config``).
+        image_pool_size: side of the image-token grid after bilinear pooling (official: 32x32 -> 16), or
+            ``None`` to keep the encoder grid.
+        lora: LoRA settings, or ``None`` to train the whole language model.
+        gradient_checkpointing: recompute LLM activations in the backward pass to save memory.
+        attn_implementation: attention kernel of the LLM (``"sdpa"`` or ``"eager"``).
+    """
+
+    def __init__(
+        self,
+        *,
+        pretrained: str | None = None,
+        text_config: dict | None = None,
+        vision_channels: int = 1024,
+        image_pool_size: int | None = None,
+        lora: LoraSettings | None = None,
+        gradient_checkpointing: bool = False,
+        attn_implementation: str = "sdpa",
+    ) -> None:
+        super().__init__()
+        if (pretrained is None) == (text_config is None):
+            raise ValueError("LlavaLMM: give exactly one of `pretrained` (a local dir) and `text_config`.")
+        if pretrained is not None:
+            llava = LlavaForConditionalGeneration.from_pretrained(
+                pretrained, local_files_only=True, attn_implementation=attn_implementation
+            )
+        else:
+            config = LlavaConfig(
+                text_config=LlamaConfig(**text_config),
+                vision_config=CLIPVisionConfig(
+                    hidden_size=vision_channels, num_attention_heads=1, num_hidden_layers=1
+                ),
+                projector_hidden_act="gelu",
+            )
+            config._attn_implementation = attn_implementation
+            llava = LlavaForConditionalGeneration(config)
+        llava.model.vision_tower = None  # replaced by pixellm.model.vision
+        self.llava = llava
+        self.image_pool_size = image_pool_size
+        self.lora = lora
+        self.original_vocab_size = self.embed_tokens.num_embeddings
+        # transformers 5.x renamed `past_key_values` to `cache` in the model forward
+        parameters = inspect.signature(self.language_model.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
+        if gradient_checkpointing:
+            self.language_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.llava.model.language_model
+
+    @property
+    def projector(self) -> nn.Module:
+        return self.llava.model.multi_modal_projector
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.language_model.embed_tokens
+
+    @property
+    def lm_head(self) -> nn.Linear:
+        return self.llava.lm_head
+
+    @property
+    def hidden_size(self) -> int:
+        return self.embed_tokens.embedding_dim
+
+    def num_image_tokens(self, grid_size: int) -> int:
+        """Image tokens P spliced into the text for an encoder grid of ``grid_size``^2 patches."""
+        side = self.image_pool_size or grid_size
+        return side * side
+
+    def extend_vocabulary(self, vocab_size: int) -> None:
+        """Resize embeddings and LM head to the tokenizer, then apply LoRA and set what trains.
+
+        Without LoRA the whole language model trains. With LoRA only the adapters, the projector and
+        the rows of the tokens added after the base vocabulary (codebook, image token) train: the base
+        rows of ``embed_tokens`` and ``lm_head`` get a zero gradient (use weight decay 0 on them).
+        """
+        new_rows = vocab_size - self.original_vocab_size
+        if new_rows < 0:
+            raise ValueError(
+                f"tokenizer has {vocab_size} tokens, fewer than the model's {self.original_vocab_size}"
+            )
+        if vocab_size != self.embed_tokens.num_embeddings:
+            self.llava.resize_token_embeddings(vocab_size, mean_resizing=False)
+        if self.lora is None:
+            return
+        from peft import LoraConfig, inject_adapter_in_model
+
+        config = LoraConfig(
+            r=self.lora.r,
+            lora_alpha=self.lora.alpha,
+            lora_dropout=self.lora.dropout,
+            target_modules=self.lora.pattern(),
+        )
+        inject_adapter_in_model(config, self.llava)
+        for name, param in self.llava.named_parameters():
+            param.requires_grad = "lora_" in name or "multi_modal_projector" in name
+        for weight in (self.embed_tokens.weight, self.lm_head.weight):
+            weight.requires_grad = True
+            weight.register_hook(self._keep_base_rows)
+
+    def _keep_base_rows(self, grad: Tensor) -> Tensor:
+        """Zero the gradient of the base vocabulary's rows: only added tokens learn under LoRA."""
+        grad = grad.clone()
+        grad[: self.original_vocab_size] = 0
+        return grad
+
+    def embed_image(self, features: Tensor) -> Tensor:
+        """Project the coarse-scale vision features into the LLM's embedding space.
+
+        Args:
+            features: (B, C, h, w) patch features of scale 0.
+
+        Returns:
+            (B, P, H) image tokens.
+        """
+        if self.image_pool_size is not None and features.shape[-1] != self.image_pool_size:
+            size = (self.image_pool_size, self.image_pool_size)
+            features = F.interpolate(features, size=size, mode="bilinear", align_corners=False)
+        tokens = features.flatten(2).transpose(1, 2)  # (B, P, C)
+        return self.projector(tokens)  # (B, P, H)
+
+    def build_inputs(
+        self,
+        input_ids: Tensor,
+        attention_mask: Tensor,
+        image_embeds: Tensor,
+        image_token_id: int,
+        labels: Tensor | None = None,
+    ) -> MultimodalInputs:
+        """Replace the one image placeholder of every sequence by its P image tokens.
+
+        Args:
+            input_ids: (B, S) token ids with exactly one ``image_token_id`` per row (left or right padded).
+            attention_mask: (B, S) 1 on real tokens.
+            image_embeds: (B, P, H) from :meth:`embed_image`.
+            image_token_id: id of the placeholder.
+            labels: (B, S) next-token targets with -100 where no loss is taken, or None.
+        """
+        is_image = input_ids == image_token_id  # (B, S)
+        per_row = is_image.sum(1)
+        if not torch.all(per_row == 1):
+            rows = torch.nonzero(per_row != 1).flatten().tolist()
+            raise ValueError(
+                f"every sequence needs exactly one image token (id {image_token_id}); rows {rows} have "
+                f"{per_row[rows].tolist()}"
+            )
+        batch, length = input_ids.shape
+        num_image = image_embeds.shape[1]
+        start = is_image.int().argmax(1, keepdim=True)  # (B, 1)
+        pos = torch.arange(length - 1 + num_image, device=input_ids.device)[None]  # (1, S')
+        in_image = (pos >= start) & (pos < start + num_image)  # (B, S')
+        text_src = torch.where(pos < start, pos, pos - num_image + 1).clamp(0, length - 1)  # (B, S')
+        source = torch.where(in_image, length + pos - start, text_src)  # index into [text | image]
+
+        text_embeds = self.embed_tokens(input_ids)  # (B, S, H)
+        stacked = torch.cat([text_embeds, image_embeds.to(text_embeds.dtype)], dim=1)
+        index = source[..., None].expand(-1, -1, stacked.shape[-1])
+        inputs_embeds = stacked.gather(1, index)  # (B, S', H)
+        mask = torch.where(in_image, 1, attention_mask.gather(1, text_src))
+        token_ids = torch.where(in_image, image_token_id, input_ids.gather(1, text_src))
+        new_labels = None
+        if labels is not None:
+            new_labels = torch.where(in_image, -100, labels.gather(1, text_src))
+        return MultimodalInputs(
+            inputs_embeds=inputs_embeds,
+            attention_mask=mask,
+            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            token_ids=token_ids,
+            labels=new_labels,
+        )
+
+    def forward(self, inputs: MultimodalInputs) -> Tensor:
+        """Last-layer hidden states (B, S', H) of the LLM (no logits: see :meth:`next_token_loss`)."""
+        out = self.language_model(
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=inputs.attention_mask,
+            position_ids=inputs.position_ids,
+            use_cache=False,
+        )
+        return out.last_hidden_state
+
+    def next_token_loss(self, hidden: Tensor, labels: Tensor) -> Tensor:
+        """Cross-entropy of the next token, with logits computed only where a label exists.
+
+        Args:
+            hidden: (B, S', H) last-layer states.
+            labels: (B, S') targets, -100 where no loss is taken.
+        """
+        targets = labels[:, 1:]  # (B, S'-1)
+        keep = targets != -100
+        if not keep.any():
+            return hidden.sum() * 0.0
+        logits = self.lm_head(hidden[:, :-1][keep])  # (M, V)
+        return F.cross_entropy(logits.float(), targets[keep])
+
+    @torch.no_grad()
+    def generate(
+        self, inputs: MultimodalInputs, max_new_tokens: int, eos_token_id: int
+    ) -> tuple[Tensor, Tensor]:
+        """Greedy decoding with a KV cache.
+
+        Returns:
+            ids: (B, n) generated ids, ``eos_token_id`` repeated after a row has finished;
+            states: (B, n, H) the last-layer state that emitted each generated id.
+        """
+        cache = DynamicCache(config=self.language_model.config)
+        mask = inputs.attention_mask
+        out = self.language_model(
+            inputs_embeds=inputs.inputs_embeds,
+            attention_mask=mask,
+            position_ids=inputs.position_ids,
+            use_cache=True,
+            **{self._cache_argument: cache},
+        )
+        state = out.last_hidden_state[:, -1]  # (B, H)
+        position = inputs.position_ids[:, -1:]  # (B, 1)
+        finished = torch.zeros(state.shape[0], dtype=torch.bool, device=state.device)
+        ids, states = [], []
+        for _ in range(max_new_tokens):
+            token = self.lm_head(state).argmax(-1)  # (B,)
+            token = torch.where(finished, eos_token_id, token)
+            ids.append(token)
+            states.append(state)
+            finished |= token == eos_token_id
+            if bool(finished.all()):
+                break
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            position = position + 1
+            out = self.language_model(
+                inputs_embeds=self.embed_tokens(token[:, None]),
+                attention_mask=mask,
+                position_ids=position,
+                use_cache=True,
+                **{self._cache_argument: cache},
+            )
+            state = out.last_hidden_state[:, -1]
+        return torch.stack(ids, 1), torch.stack(states, 1)

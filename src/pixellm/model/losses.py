@@ -1,0 +1,131 @@
+"""The loss stack (Sec. 3.2): next-token CE + per-pixel BCE + DICE + the target refinement loss.
+
+Masks are compared at each image's original resolution, predictions paired with ground truth in
+text order (no matching in training, as released). Pixels labelled ``ignore_index`` in a ground
+truth (ReasonSeg's "ignore" regions) are left out of every mask term.
+
+Defaults: the paper's objective L = L_txt + lambda_ref L_ref + lambda_dice L_dice with the released
+weights (CE 1.0, mask BCE 2.0, DICE 0.5) and alpha = 2: the refinement loss *is* the alpha-weighted
+BCE, so ``bce_weight`` is 0 by default and ``refinement_weight`` carries the released BCE weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def overlap_weights(logits: Tensor, alpha: float) -> Tensor:
+    """The map A of Sec. 3.2: alpha where two or more predicted masks are on (logit > 0), else 1.
+
+    Args:
+        logits: (K, H, W) mask logits of one question.
+
+    Returns:
+        (H, W) weights, detached.
+    """
+    on = (logits.detach() > 0).sum(0)  # (H, W)
+    return torch.where(on >= 2, alpha, 1.0).to(logits.dtype)
+
+
+def bce_per_mask(logits: Tensor, targets: Tensor, valid: Tensor, weights: Tensor | None = None) -> Tensor:
+    """Mean (optionally weighted) per-pixel BCE of each mask over its valid pixels.
+
+    Args:
+        logits: (K, H, W); targets: (K, H, W) in {0, 1}; valid: (K, H, W) bool;
+        weights: (H, W) or None.
+
+    Returns:
+        (K,) losses.
+    """
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # (K, H, W)
+    if weights is not None:
+        loss = loss * weights
+    loss = loss * valid
+    return loss.flatten(1).sum(1) / valid.flatten(1).sum(1).clamp(min=1)
+
+
+def dice_per_mask(
+    logits: Tensor, targets: Tensor, valid: Tensor, scale: float = 1000.0, eps: float = 1e-6
+) -> Tensor:
+    """DICE loss on sigmoid probabilities, as released (inputs and targets divided by ``scale``).
+
+    Returns:
+        (K,) ``1 - (2 sum(p t) + eps) / (sum(p) + sum(t) + eps)`` over valid pixels.
+    """
+    probs = (logits.sigmoid() * valid).flatten(1) / scale  # (K, HW)
+    targets = (targets * valid).flatten(1) / scale
+    numerator = 2 * (probs * targets).sum(1)
+    denominator = probs.sum(1) + targets.sum(1)
+    return 1 - (numerator + eps) / (denominator + eps)
+
+
+class PixelLMLoss(nn.Module):
+    """Weighted sum of the loss terms; a term with weight 0 is neither computed nor logged.
+
+    Args:
+        ce_weight: next-token cross-entropy, codebook tokens included.
+        bce_weight: plain per-pixel BCE, mean per mask then over masks.
+        dice_weight: DICE on sigmoid probabilities.
+        refinement_weight: the target refinement loss L_ref (alpha-weighted BCE, Sec. 3.2).
+        alpha: weight of pixels where two or more predicted masks of a question overlap.
+        dice_scale: the release's DICE scale (1000).
+        dice_eps: the release's DICE epsilon (1e-6).
+        ignore_index: ground-truth value excluded from the mask terms.
+    """
+
+    def __init__(
+        self,
+        *,
+        ce_weight: float = 1.0,
+        bce_weight: float = 0.0,
+        dice_weight: float = 0.5,
+        refinement_weight: float = 2.0,
+        alpha: float = 2.0,
+        dice_scale: float = 1000.0,
+        dice_eps: float = 1e-6,
+        ignore_index: int = 255,
+    ) -> None:
+        super().__init__()
+        self.weights = {"ce": ce_weight, "bce": bce_weight, "dice": dice_weight, "refinement": refinement_weight}
+        self.alpha = alpha
+        self.dice_scale = dice_scale
+        self.dice_eps = dice_eps
+        self.ignore_index = ignore_index
+
+    def mask_terms(self, logits: list[Tensor], targets: list[Tensor]) -> dict[str, Tensor]:
+        """Per-term mask losses averaged over all masks of the batch.
+
+        Args:
+            logits: per question, (K_b, H_b, W_b) predicted logits in text order.
+            targets: per question, (K_b, H_b, W_b) ground truth in {0, 1, ignore_index}.
+        """
+        sums = {name: [] for name in ("bce", "dice", "refinement") if self.weights[name]}
+        for question, (pred, truth) in enumerate(zip(logits, targets, strict=True)):
+            if pred.shape != truth.shape:
+                raise ValueError(
+                    f"question {question}: {tuple(pred.shape)} predicted masks vs "
+                    f"{tuple(truth.shape)} ground-truth masks; they pair in text order"
+                )
+            if pred.shape[0] == 0:
+                continue
+            valid = truth != self.ignore_index
+            truth = truth.to(pred.dtype) * valid
+            if "bce" in sums:
+                sums["bce"].append(bce_per_mask(pred, truth, valid))
+            if "dice" in sums:
+                sums["dice"].append(dice_per_mask(pred, truth, valid, self.dice_scale, self.dice_eps))
+            if "refinement" in sums:
+                weights = overlap_weights(pred, self.alpha)
+                sums["refinement"].append(bce_per_mask(pred, truth, valid, weights))
+        anchor = sum(p.sum() for p in logits) * 0.0  # keeps the graph when a batch has no mask
+        return {name: torch.cat(v).mean() if v else anchor for name, v in sums.items()}
+
+    def forward(self, ce: Tensor, logits: list[Tensor], targets: list[Tensor]) -> dict[str, Tensor]:
+        """All enabled terms and their weighted sum under ``"loss"``."""
+        terms = self.mask_terms(logits, targets)
+        if self.weights["ce"]:
+            terms["ce"] = ce
+        terms["loss"] = sum(self.weights[name] * value for name, value in terms.items())
+        return terms

@@ -1,0 +1,30 @@
+"""Learning-rate schedule of the release (LISA's recipe): linear warm-up, then linear decay to 0."""
+
+from __future__ import annotations
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+
+class WarmupLinearLR(LambdaLR):
+    """LR factor ``step / warmup_steps`` during warm-up, then linear decay to 0 at ``total_steps``.
+
+    Args:
+        optimizer: the wrapped optimizer.
+        warmup_steps: optimizer steps of linear warm-up (official: 100).
+        total_steps: optimizer steps of the whole run; ``None`` lets ``PixelLMTask`` fill in the
+            trainer's ``estimated_stepping_batches`` before the first step.
+    """
+
+    def __init__(self, optimizer: Optimizer, warmup_steps: int = 100, total_steps: int | None = None) -> None:
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        super().__init__(optimizer, self.factor)
+
+    def factor(self, step: int) -> float:
+        """Multiplier of the base LR at optimizer step ``step``."""
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        total = self.total_steps if self.total_steps is not None else step + 1
+        remaining = max(total - step, 0)
+        return remaining / max(total - self.warmup_steps, 1)
