@@ -27,9 +27,9 @@ class VisionDecoderProjection(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(in_channels, mlp_dim), nn.GELU(), nn.Linear(mlp_dim, embed_dim))
         self.neck = nn.Sequential(
             nn.Conv2d(embed_dim, out_channels, kernel_size=1, bias=False),
-            LayerNorm2d(out_channels),
+            LayerNorm2d(num_channels=out_channels),
             nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            LayerNorm2d(out_channels),
+            LayerNorm2d(num_channels=out_channels),
         )
         self.in_channels = in_channels
         self.out_channels = out_channels
