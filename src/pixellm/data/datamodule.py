@@ -1,0 +1,210 @@
+"""LightningDataModules: any MUSE-format dataset, and the generated shapes dataset."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from lightning import LightningDataModule
+from torch.utils.data import DataLoader, Dataset
+
+from pixellm.data.collate import CollateMode, MuseCollator
+from pixellm.data.muse import MuseDataset
+from pixellm.data.preprocess import (
+    DEFAULT_PIXEL_MEAN,
+    DEFAULT_PIXEL_STD,
+    TextEncoder,
+    drop_long_samples,
+)
+from pixellm.data.shapes import ensure_shapes_dataset, shapes_dataset_dir
+from pixellm.tokenizer import codebook_token_strings, load_tokenizer
+
+CACHE_ENV = "PIXELLM_CACHE"
+
+
+class MuseDataModule(LightningDataModule):
+    """Train/val/predict loaders over MUSE-format JSON files.
+
+    Args:
+        train_json: MUSE JSON of the training split.
+        val_json: MUSE JSON of the validation split (also used for prediction).
+        image_root: Folder the records' ``file_name`` / ``coco_url`` basenames are relative to.
+        tokenizer: ``"shapes"`` or a local tokenizer directory (see ``load_tokenizer``).
+        num_scales: L, visual scales of the segmentation codebook.
+        tokens_per_scale: N, codebook tokens per scale.
+        image_size: Side of the square model input in pixels.
+        pixel_mean: RGB mean in 0-255 units.
+        pixel_std: RGB standard deviation in 0-255 units.
+        template: Conversation template, "llava_v1" or "plain".
+        max_length: Longest token sequence kept (the image token counts once); longer samples
+            are skipped, never truncated.
+        batch_size: Training batch size.
+        val_batch_size: Validation/prediction batch size (default: ``batch_size``).
+        num_workers: DataLoader worker processes.
+        seed: Seed of the training shuffle.
+    """
+
+    def __init__(
+        self,
+        train_json: str,
+        val_json: str,
+        image_root: str,
+        tokenizer: str,
+        num_scales: int = 2,
+        tokens_per_scale: int = 3,
+        image_size: int = 448,
+        pixel_mean: tuple[float, float, float] = DEFAULT_PIXEL_MEAN,
+        pixel_std: tuple[float, float, float] = DEFAULT_PIXEL_STD,
+        template: str = "llava_v1",
+        max_length: int = 512,
+        batch_size: int = 2,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.train_json, self.val_json, self.image_root = train_json, val_json, image_root
+        self.codebook_tokens = codebook_token_strings(num_scales, tokens_per_scale)
+        self.tokenizer = load_tokenizer(tokenizer, self.codebook_tokens)
+        self.image_size, self.template, self.max_length = image_size, template, max_length
+        self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
+        self.batch_size = batch_size
+        self.val_batch_size = batch_size if val_batch_size is None else val_batch_size
+        self.num_workers, self.seed = num_workers, seed
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+
+    def _load(self, json_path: str) -> Dataset:
+        encoder = TextEncoder(self.tokenizer, self.codebook_tokens, self.template)
+        return drop_long_samples(MuseDataset(json_path, self.image_root), encoder, self.max_length)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the JSON files needed by ``stage`` (all of them when None)."""
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = self._load(self.train_json)
+        if stage in (None, "fit", "validate", "test", "predict") and self.val_set is None:
+            self.val_set = self._load(self.val_json)
+
+    def collator(self, mode: CollateMode) -> MuseCollator:
+        """The collate function for ``mode`` ("train" or "generate")."""
+        return MuseCollator(
+            self.tokenizer,
+            self.codebook_tokens,
+            self.template,
+            self.image_size,
+            self.pixel_mean,
+            self.pixel_std,
+            mode,
+        )
+
+    def _loader(
+        self, dataset: Dataset | None, batch_size: int, mode: CollateMode, shuffle: bool
+    ) -> DataLoader:
+        if dataset is None:
+            raise RuntimeError("call setup() before asking for a dataloader")
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            shuffle=shuffle,
+            drop_last=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            collate_fn=self.collator(mode),
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Shuffled (seeded) teacher-forced batches; the last incomplete batch is dropped."""
+        return self._loader(self.train_set, self.batch_size, "train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """Teacher-forced validation batches (with labels), in file order."""
+        return self._loader(self.val_set, self.val_batch_size, "train", shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        """Validation set in generate mode: prompts only, left-padded, no labels."""
+        return self._loader(self.val_set, self.val_batch_size, "generate", shuffle=False)
+
+
+def default_cache_dir() -> str:
+    """``$PIXELLM_CACHE``, else ``~/.cache/pixellm``."""
+    return os.environ.get(CACHE_ENV) or str(Path.home() / ".cache" / "pixellm")
+
+
+class ShapesDataModule(MuseDataModule):
+    """The generated shapes dataset (see ``pixellm.data.shapes``), built on first use.
+
+    Args:
+        cache_dir: Where datasets are generated (default ``$PIXELLM_CACHE``, else
+            ``~/.cache/pixellm``).
+        num_train_images: Generated training images (2-3 questions each).
+        num_val_images: Generated validation images.
+        data_seed: Seed of the generator.
+        Other arguments: as ``MuseDataModule``; the defaults suit the tiny shapes models. Images are
+            generated at ``image_size``, so the model sees them without resampling.
+    """
+
+    def __init__(
+        self,
+        cache_dir: str | None = None,
+        num_train_images: int = 3000,
+        num_val_images: int = 200,
+        data_seed: int = 0,
+        tokenizer: str = "shapes",
+        num_scales: int = 2,
+        tokens_per_scale: int = 3,
+        image_size: int = 64,
+        pixel_mean: tuple[float, float, float] = DEFAULT_PIXEL_MEAN,
+        pixel_std: tuple[float, float, float] = DEFAULT_PIXEL_STD,
+        template: str = "plain",
+        max_length: int = 512,
+        batch_size: int = 2,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        seed: int = 0,
+    ) -> None:
+        self.cache_dir = cache_dir or default_cache_dir()
+        self.num_train_images = num_train_images
+        self.num_val_images = num_val_images
+        self.data_seed = data_seed
+        folder = shapes_dataset_dir(
+            self.cache_dir, data_seed, num_train_images, num_val_images, image_size
+        )
+        super().__init__(
+            train_json=str(folder / "muse_train.json"),
+            val_json=str(folder / "muse_val.json"),
+            image_root=str(folder / "images"),
+            tokenizer=tokenizer,
+            num_scales=num_scales,
+            tokens_per_scale=tokens_per_scale,
+            image_size=image_size,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
+            template=template,
+            max_length=max_length,
+            batch_size=batch_size,
+            val_batch_size=val_batch_size,
+            num_workers=num_workers,
+            seed=seed,
+        )
+        # Keep only this class's arguments (the JSON paths are derived): they rebuild it.
+        self.save_hyperparameters(ignore=["train_json", "val_json", "image_root"])
+
+    def prepare_data(self) -> None:
+        """Generate the dataset once (Lightning calls this on one process per node)."""
+        ensure_shapes_dataset(
+            self.cache_dir,
+            self.data_seed,
+            self.num_train_images,
+            self.num_val_images,
+            self.image_size,
+        )
+
+    def setup(self, stage: str | None = None) -> None:
+        """Make sure the dataset exists (cheap when it does), then read its JSON files."""
+        self.prepare_data()
+        super().setup(stage)

@@ -1,0 +1,234 @@
+"""Reader of MUSE-format JSON (the real MUSE release and the generated shapes dataset alike).
+
+A file is a JSON list of records, one per image: ``file_name`` (or ``coco_url``), ``height``,
+``width``, ``ann_list``, ``questions``, ``answers`` (per question, the annotation dicts it refers
+to,
+in text order) and optional ``text_answers`` (per question, text whose ``{seg}`` placeholders match
+``answers[q]`` one to one). Records whose ``text_answers`` are missing or have the wrong number of
+placeholders get an answer built from the annotations' names; one summary warning counts them.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+from torch.utils.data import Dataset
+
+from pixellm.data.conversation import SEG_PLACEHOLDER
+from pixellm.data.sample import Sample
+
+REQUIRED_FIELDS = ("height", "width", "questions", "answers")
+ARTICLES = ("the ", "a ", "an ")
+EMPTY_FALLBACK_ANSWER = "there is no such object."
+
+
+def _join_names(names: list[str]) -> str:
+    """``"A {seg}, B {seg} and C {seg}."`` for names [A, B, C]."""
+    items = [f"{n} {SEG_PLACEHOLDER}" for n in names]
+    if not items:
+        return EMPTY_FALLBACK_ANSWER
+    text = items[0] if len(items) == 1 else ", ".join(items[:-1]) + " and " + items[-1]
+    return text + "."
+
+
+def fallback_answer(annotations: list[dict[str, Any]]) -> str:
+    """Answer from ``rephrased_name`` (else ``category_name``), one ``{seg}`` per annotation."""
+    names = []
+    for ann in annotations:
+        name = str(ann.get("rephrased_name") or ann.get("category_name") or "object").strip()
+        names.append(name if name.lower().startswith(ARTICLES) else "the " + name)
+    return _join_names(names)
+
+
+def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
+    """Decode a COCO segmentation (polygons, compressed or uncompressed RLE) to (H, W) uint8.
+
+    Raises:
+        ValueError: If the segmentation has an unknown form or another image size.
+    """
+    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
+        counts = segmentation["counts"]
+        rle = {
+            "size": list(segmentation["size"]),
+            "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
+        }
+    elif isinstance(segmentation, dict) and "counts" in segmentation:
+        rle = mask_utils.frPyObjects(segmentation, height, width)
+    elif isinstance(segmentation, list):
+        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6]
+        if not polygons:
+            return np.zeros((height, width), np.uint8)
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    else:
+        raise ValueError(f"unknown segmentation of type {type(segmentation).__name__}")
+    if list(rle["size"]) != [height, width]:
+        raise ValueError(f"RLE size {list(rle['size'])} differs from the image's {[height, width]}")
+    return mask_utils.decode(rle).astype(np.uint8)
+
+
+class MuseDataset(Dataset[Sample]):
+    """One item per (record, question) of a MUSE JSON file.
+
+    Args:
+        json_path: The MUSE JSON file.
+        image_root: Folder that ``file_name`` (or the basename of ``coco_url``) is relative to.
+            Paths are kept strictly inside it.
+
+    Attributes:
+        num_fallback_answers: How many questions got an answer built from annotation names.
+
+    Raises:
+        ValueError: On invalid JSON or a missing/ill-typed field, naming file, record and field.
+    """
+
+    def __init__(self, json_path: str | Path, image_root: str | Path) -> None:
+        self.json_path = Path(json_path)
+        self.image_root = Path(image_root)
+        try:
+            records = json.loads(self.json_path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{self.json_path}: invalid JSON: {err}") from err
+        if not isinstance(records, list):
+            raise ValueError(
+                f"{self.json_path}: expected a JSON list of records, got {type(records).__name__}"
+            )
+        self.records: list[dict[str, Any]] = records
+        self.items: list[tuple[int, int]] = []
+        self.answers: list[str] = []
+        self.image_paths: list[list[str]] = []
+        self.num_fallback_answers = 0
+        for index, record in enumerate(records):
+            self._add_record(index, record)
+        if self.num_fallback_answers:
+            message = (
+                f"{self.json_path}: {self.num_fallback_answers} of {len(self.items)} questions "
+                "had missing text_answers or a {seg} count unlike their answers; their answers "
+                "were built from rephrased_name/category_name"
+            )
+            warnings.warn(message, stacklevel=2)
+
+    def _error(self, index: int, field: str, problem: str) -> ValueError:
+        return ValueError(f"{self.json_path}: record {index}: field {field!r}: {problem}")
+
+    def _relative_paths(self, index: int, record: dict[str, Any]) -> list[str]:
+        """Candidate image paths under the root: ``file_name``, or ``coco_url``'s basename then
+        its ``split/basename``; absolute paths and ``..`` are rejected."""
+        if "file_name" in record:
+            field, candidates = "file_name", [str(record["file_name"])]
+        elif "coco_url" in record:
+            url = PurePosixPath(str(record["coco_url"]).split("://")[-1])
+            field, candidates = "coco_url", [url.name, f"{url.parent.name}/{url.name}"]
+        else:
+            raise self._error(index, "file_name", "missing (and no 'coco_url' either)")
+        for candidate in candidates:
+            parts = PurePosixPath(candidate.replace("\\", "/"))
+            if (
+                parts.is_absolute()
+                or ".." in parts.parts
+                or candidate.startswith(("/", "\\"))
+                or ":" in parts.parts[0]
+            ):
+                raise self._error(
+                    index, field, f"{candidate!r} escapes the image root {self.image_root}"
+                )
+        return candidates
+
+    def _add_record(self, index: int, record: Any) -> None:
+        if not isinstance(record, dict):
+            raise ValueError(
+                f"{self.json_path}: record {index}: expected an object, got {type(record).__name__}"
+            )
+        for field in REQUIRED_FIELDS:
+            if field not in record:
+                raise self._error(index, field, "missing")
+        questions, answers = record["questions"], record["answers"]
+        if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
+            raise self._error(index, "questions", "expected a list of strings")
+        if not isinstance(answers, list) or len(answers) != len(questions):
+            raise self._error(
+                index, "answers", f"expected a list with one entry per question ({len(questions)})"
+            )
+        for q, targets in enumerate(answers):
+            if not isinstance(targets, list) or not all(
+                isinstance(t, dict) and "segmentation" in t for t in targets
+            ):
+                raise self._error(
+                    index, f"answers[{q}]", "expected a list of annotations with 'segmentation'"
+                )
+        texts = record.get("text_answers")
+        if texts is not None and (not isinstance(texts, list) or len(texts) != len(questions)):
+            texts = None
+        self.image_paths.append(self._relative_paths(index, record))
+        for q, targets in enumerate(answers):
+            text = texts[q] if texts is not None else None
+            if not isinstance(text, str) or text.count(SEG_PLACEHOLDER) != len(targets):
+                text = fallback_answer(targets)
+                self.num_fallback_answers += 1
+            self.items.append((index, q))
+            self.answers.append(text)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def text(self, i: int) -> tuple[str, str, int]:
+        """Question, answer (with ``{seg}``) and target count of item ``i``; reads no image."""
+        index, q = self.items[i]
+        return (
+            self.records[index]["questions"][q],
+            self.answers[i],
+            len(self.records[index]["answers"][q]),
+        )
+
+    def _image_path(self, index: int) -> Path:
+        candidates = [self.image_root / c for c in self.image_paths[index]]
+        for path in candidates:
+            if path.is_file():
+                return path
+        raise FileNotFoundError(
+            f"{self.json_path}: record {index}: image not found; "
+            f"tried {[str(p) for p in candidates]}"
+        )
+
+    def __getitem__(self, i: int) -> Sample:
+        index, q = self.items[i]
+        record = self.records[index]
+        height, width = int(record["height"]), int(record["width"])
+        path = self._image_path(index)
+        image = Image.open(path).convert("RGB")
+        if image.size != (width, height):
+            raise self._error(
+                index,
+                "height/width",
+                f"{height}x{width} but {path} is {image.size[1]}x{image.size[0]}",
+            )
+        masks = []
+        for t, ann in enumerate(record["answers"][q]):
+            try:
+                masks.append(decode_segmentation(ann["segmentation"], height, width))
+            except (ValueError, TypeError, KeyError) as err:
+                raise self._error(index, f"answers[{q}][{t}].segmentation", str(err)) from err
+        stacked = (
+            torch.from_numpy(np.stack(masks))
+            if masks
+            else torch.zeros((0, height, width), dtype=torch.uint8)
+        )
+        meta = {
+            "json": str(self.json_path),
+            "record_index": index,
+            "question_index": q,
+            "file_name": str(path.relative_to(self.image_root)),
+        }
+        return Sample(
+            image=image,
+            question=record["questions"][q],
+            answer=self.answers[i],
+            masks=stacked,
+            meta=meta,
+        )  # masks: (K, H, W) uint8

@@ -1,0 +1,174 @@
+"""Tests of the MUSE loader on a hand-made file whose masks are known."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from pycocotools import mask as mask_utils
+
+from pixellm.data.muse import MuseDataset
+
+H, W = 6, 8
+
+
+def _known_masks() -> tuple[np.ndarray, np.ndarray]:
+    left = np.zeros((H, W), np.uint8)
+    left[:, :3] = 1
+    corner = np.zeros((H, W), np.uint8)
+    corner[4:, 5:] = 1
+    return left, corner
+
+
+def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
+    flat = mask.flatten(order="F")
+    counts, value, run = [], 0, 0
+    for v in flat:
+        if v == value:
+            run += 1
+        else:
+            counts.append(run)
+            value, run = v, 1
+    counts.append(run)
+    return {"size": [H, W], "counts": counts}
+
+
+def _compressed_rle(mask: np.ndarray) -> dict[str, Any]:
+    rle = mask_utils.encode(np.asfortranarray(mask))
+    return {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
+
+
+def _record(**changes: Any) -> dict[str, Any]:
+    left, corner = _known_masks()
+    box = {
+        "id": 1,
+        "bbox": [0, 0, 3, 6],
+        "category_id": 7,
+        "category_name": "box",
+        "rephrased_name": "the red box",
+        "segmentation": _uncompressed_rle(left),
+    }
+    ball = {
+        "id": 2,
+        "bbox": [5, 4, 3, 2],
+        "category_id": 9,
+        "category_name": "ball",
+        "rephrased_name": "",
+        "segmentation": _compressed_rle(corner),
+    }
+    square = {
+        "id": 3,
+        "bbox": [1, 1, 4, 4],
+        "category_id": 3,
+        "category_name": "square",
+        "rephrased_name": "the square",
+        "segmentation": [[1, 1, 5, 1, 5, 5, 1, 5]],
+    }
+    record = {
+        "file_name": "img.png",
+        "height": H,
+        "width": W,
+        "ann_list": [box, ball, square],
+        "questions": ["ball then box?", "box then ball?", "anything purple?", "the square?"],
+        "answers": [[ball, box], [box, ball], [], [square]],
+        "text_answers": [
+            "the ball {seg} and the box {seg}.",
+            "only one {seg}.",
+            "there is nothing purple.",
+            "the square {seg}.",
+        ],
+    }
+    record.update(changes)
+    return record
+
+
+def _write(tmp_path: Path, records: Any) -> Path:
+    (tmp_path / "images").mkdir(exist_ok=True)
+    Image.new("RGB", (W, H), (10, 20, 30)).save(tmp_path / "images" / "img.png")
+    path = tmp_path / "muse.json"
+    path.write_text(json.dumps(records))
+    return path
+
+
+def test_masks_follow_text_order_and_fallback_is_counted(tmp_path: Path) -> None:
+    path = _write(tmp_path, [_record()])
+    with pytest.warns(UserWarning, match="1 of 4 questions"):
+        dataset = MuseDataset(path, tmp_path / "images")
+    left, corner = _known_masks()
+    assert len(dataset) == 4 and dataset.num_fallback_answers == 1
+    first = dataset[0]
+    assert first.answer == "the ball {seg} and the box {seg}."
+    assert first.masks.dtype == torch.uint8
+    assert torch.equal(first.masks, torch.from_numpy(np.stack([corner, left])))
+    second = dataset[1]  # text_answers has 1 {seg} for 2 targets: rebuilt from the names
+    assert second.answer == "the red box {seg} and the ball {seg}."
+    assert torch.equal(second.masks, torch.from_numpy(np.stack([left, corner])))
+    assert second.meta == {
+        "json": str(path),
+        "record_index": 0,
+        "question_index": 1,
+        "file_name": "img.png",
+    }
+    assert first.image.size == (W, H) and first.image.mode == "RGB"
+
+
+def test_zero_targets_and_polygons(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning):
+        dataset = MuseDataset(_write(tmp_path, [_record()]), tmp_path / "images")
+    empty = dataset[2]
+    assert empty.masks.shape == (0, H, W) and empty.answer == "there is nothing purple."
+    square = dataset[3].masks[0]
+    assert square[2:4, 2:4].all() and square.sum() >= 12 and square[:, 6:].sum() == 0
+
+
+def test_missing_text_answers_fall_back_for_every_question(tmp_path: Path) -> None:
+    record = _record()
+    del record["text_answers"]
+    with pytest.warns(UserWarning, match="4 of 4 questions"):
+        dataset = MuseDataset(_write(tmp_path, [record]), tmp_path / "images")
+    assert dataset.text(2) == ("anything purple?", "there is no such object.", 0)
+    assert dataset.text(3)[1] == "the square {seg}."
+
+
+@pytest.mark.parametrize("file_name", ["../img.png", "/etc/passwd", "images/../../img.png"])
+def test_paths_may_not_escape_the_root(tmp_path: Path, file_name: str) -> None:
+    path = _write(tmp_path, [_record(), _record(file_name=file_name)])
+    with pytest.raises(ValueError, match=r"muse.json: record 1: field 'file_name'.*escapes"):
+        MuseDataset(path, tmp_path / "images")
+
+
+def test_coco_url_resolves_by_basename_then_split_folder(tmp_path: Path) -> None:
+    record = _record(text_answers=None)
+    del record["file_name"]
+    record["coco_url"] = "http://images.cocodataset.org/val2017/img.png"
+    with pytest.warns(UserWarning):
+        dataset = MuseDataset(_write(tmp_path, [record]), tmp_path / "images")
+    assert dataset[0].meta["file_name"] == "img.png"
+    (tmp_path / "images" / "val2017").mkdir()
+    (tmp_path / "images" / "img.png").rename(tmp_path / "images" / "val2017" / "img.png")
+    assert dataset[0].meta["file_name"] == "val2017/img.png"
+
+
+def test_bad_records_name_file_record_and_field(tmp_path: Path) -> None:
+    record = _record()
+    del record["questions"]
+    with pytest.raises(ValueError, match=r"muse.json: record 0: field 'questions': missing"):
+        MuseDataset(_write(tmp_path, [record]), tmp_path / "images")
+    with pytest.raises(ValueError, match=r"record 0: field 'answers'"):
+        MuseDataset(_write(tmp_path, [_record(answers=[[]])]), tmp_path / "images")
+    bad = tmp_path / "bad.json"
+    bad.write_text("[{")
+    with pytest.raises(ValueError, match="bad.json: invalid JSON"):
+        MuseDataset(bad, tmp_path)
+
+
+def test_image_size_mismatch_is_reported(tmp_path: Path) -> None:
+    with pytest.warns(UserWarning):
+        dataset = MuseDataset(_write(tmp_path, [_record(height=7)]), tmp_path / "images")
+    with pytest.raises(ValueError, match="record 0: field 'height/width'"):
+        dataset[0]

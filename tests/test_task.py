@@ -1,0 +1,86 @@
+"""PixelLMTask on the tiny config: it learns, it generates, it refuses misaligned data."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import build_from_config
+
+
+@pytest.fixture(scope="module")
+def task_and_batch(tiny_config):
+    torch.manual_seed(0)
+    task, data = build_from_config(tiny_config)
+    data.prepare_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    return task, data, batch
+
+
+def test_thirty_steps_on_one_batch_halve_the_mask_loss(task_and_batch):
+    task, _, batch = task_and_batch
+    task.train()
+    optimizer = torch.optim.AdamW([p for p in task.parameters() if p.requires_grad], lr=3e-3)
+    mask_losses = []
+    for _ in range(30):
+        ce, masks = task.teacher_forced(batch)
+        terms = task.loss(ce, masks, batch["masks"])
+        mask_losses.append(float(terms["dice"] + terms["refinement"]))
+        optimizer.zero_grad()
+        terms["loss"].backward()
+        optimizer.step()
+    assert sum(m.shape[0] for m in batch["masks"]) > 0
+    assert mask_losses[-1] <= 0.5 * mask_losses[0], mask_losses
+
+
+def test_masks_come_back_at_the_original_size_in_text_order(task_and_batch):
+    task, _, batch = task_and_batch
+    with torch.no_grad():
+        _, masks = task.teacher_forced(batch)
+    assert [m.shape for m in masks] == [m.shape for m in batch["masks"]]
+
+
+def test_misaligned_masks_are_refused(task_and_batch):
+    task, _, batch = task_and_batch
+    broken = dict(batch)
+    target = next(i for i, m in enumerate(batch["masks"]) if m.shape[0] > 0)
+    broken["masks"] = list(batch["masks"])
+    broken["masks"][target] = torch.cat([batch["masks"][target], batch["masks"][target][:1]])
+    with pytest.raises(ValueError, match="ground-truth masks"):
+        task.teacher_forced(broken)
+
+
+def test_predict_decodes_one_mask_per_complete_codebook_group(task_and_batch, monkeypatch):
+    task, data, _ = task_and_batch
+    batch = next(iter(data.predict_dataloader()))
+    code = task.codebook.token_ids.tolist()
+    eos = task.tokenizer.eos_token_id
+    word = task.tokenizer.convert_tokens_to_ids("the")
+    # sequence 0: one whole group + one stray codebook token; the others: nothing
+    row0 = [word, *code, word, code[0], eos]
+    rows = [row0] + [[word, eos] + [eos] * (len(row0) - 2)] * (batch["input_ids"].shape[0] - 1)
+    ids = torch.tensor(rows)
+    states = torch.randn(*ids.shape, task.lmm.hidden_size)
+    monkeypatch.setattr(task.lmm, "generate", lambda inputs, n, eos_id: (ids, states))
+    with torch.no_grad():
+        out = task.predict_step(batch, 0)
+    assert out[0]["masks"].shape[0] == 1 and out[0]["dropped_codebook_tokens"] == 1
+    height, width = batch["original_sizes"][0].tolist()
+    assert out[0]["masks"].shape[1:] == (height, width) and out[0]["masks"].dtype == torch.bool
+    assert "[SEG0]" in out[0]["answer"]
+    assert all(o["masks"].shape[0] == 0 for o in out[1:])
+
+
+def test_real_generation_runs_with_the_kv_cache(task_and_batch):
+    task, data, _ = task_and_batch
+    batch = next(iter(data.predict_dataloader()))
+    with torch.no_grad():
+        out = task.predict_step(batch, 0)
+    assert len(out) == batch["input_ids"].shape[0]
+    assert all(isinstance(o["answer"], str) for o in out)
+
+
+def test_mismatched_widths_name_the_config_keys(tiny_config):
+    with pytest.raises(ValueError, match="codebook.hidden_size"):
+        build_from_config(tiny_config, "--model.init_args.codebook.init_args.hidden_size=48")
