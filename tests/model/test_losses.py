@@ -49,14 +49,23 @@ def test_alpha_one_refinement_is_plain_bce():
     assert terms["refinement"].item() == pytest.approx(terms["bce"].item(), rel=1e-6)
 
 
+def test_dice_of_a_perfect_prediction_is_near_zero():
+    # the release divides p (not p * t) by the scale: a scale that also divided t would leave the
+    # loss stuck near 1 whatever the prediction
+    logits = torch.tensor([[[20.0, -20.0], [20.0, -20.0]]])
+    targets = torch.tensor([[[1.0, 0.0], [1.0, 0.0]]])
+    valid = torch.ones_like(targets, dtype=torch.bool)
+    assert dice_per_mask(logits, targets, valid).item() == pytest.approx(0.0, abs=1e-3)
+    assert dice_per_mask(-logits, targets, valid).item() == pytest.approx(1.0, abs=1e-3)
+
+
 def test_dice_equals_hand_computed_value():
     scale, eps = 1000.0, 1e-6
     expected = []
     for xs, ts in zip(flat(LOGITS), flat(TARGETS)):
-        p = [sigmoid(x) / scale for x in xs]
-        t = [v / scale for v in ts]
-        num = 2 * sum(a * b for a, b in zip(p, t))
-        expected.append(1 - (num + eps) / (sum(p) + sum(t) + eps))
+        p = [sigmoid(x) for x in xs]
+        num = 2 * sum(a * b for a, b in zip(p, ts)) / scale
+        expected.append(1 - (num + eps) / (sum(p) / scale + sum(ts) / scale + eps))
     got = dice_per_mask(LOGITS, TARGETS, torch.ones_like(TARGETS, dtype=torch.bool), scale, eps)
     assert got.tolist() == pytest.approx(expected, rel=1e-5)
     loss = PixelLMLoss(ce_weight=0, bce_weight=0, dice_weight=1.0, refinement_weight=0)

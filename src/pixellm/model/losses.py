@@ -49,15 +49,15 @@ def bce_per_mask(logits: Tensor, targets: Tensor, valid: Tensor, weights: Tensor
 def dice_per_mask(
     logits: Tensor, targets: Tensor, valid: Tensor, scale: float = 1000.0, eps: float = 1e-6
 ) -> Tensor:
-    """DICE loss on sigmoid probabilities, as released (inputs and targets divided by ``scale``).
+    """DICE loss on sigmoid probabilities p, as released: every sum is divided by ``scale``.
 
     Returns:
-        (K,) ``1 - (2 sum(p t) + eps) / (sum(p) + sum(t) + eps)`` over valid pixels.
+        (K,) ``1 - (2 sum(p t) / s + eps) / (sum(p) / s + sum(t) / s + eps)`` over valid pixels.
     """
-    probs = (logits.sigmoid() * valid).flatten(1) / scale  # (K, HW)
-    targets = (targets * valid).flatten(1) / scale
-    numerator = 2 * (probs * targets).sum(1)
-    denominator = probs.sum(1) + targets.sum(1)
+    probs = (logits.sigmoid() * valid).flatten(1)  # (K, HW)
+    targets = (targets * valid).flatten(1)
+    numerator = 2 * (probs * targets).sum(1) / scale
+    denominator = (probs.sum(1) + targets.sum(1)) / scale
     return 1 - (numerator + eps) / (denominator + eps)
 
 
