@@ -24,6 +24,12 @@ def tiny_config() -> Path:
     return CONF / "tiny.yaml"
 
 
+@pytest.fixture(scope="session")
+def build():
+    """``build(config, *overrides)``: the task and data module a `pixellm` run would build, not run."""
+    return build_from_config
+
+
 def build_from_config(config: Path, *overrides: str):
     """The task and data module a `pixellm` run would build from ``config``, not run."""
     from lightning import LightningDataModule

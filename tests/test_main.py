@@ -55,3 +55,26 @@ def test_readme_pixel_decoder_example_runs_by_class_path(tiny_config, tmp_path, 
     assert type(cli.model.decoder).__name__ == "DotProductDecoder"
     assert cli.trainer.global_step == 1
     sys.modules.pop("my_decoder", None)
+
+
+def test_a_timm_vision_encoder_swaps_in_by_class_path(tiny_config, tmp_path):
+    vision = (
+        '{"class_path": "pixellm.model.vision.TimmVisionEncoder", "init_args": {"model_name": "vit_tiny_patch16_224", '
+        '"image_size": 32, "feature_layers": [-1, 0], "model_kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 2, '
+        '"num_heads": 2}}}'
+    )
+    cli = main(
+        ["fit", "--config", str(tiny_config), f"--model.init_args.vision={vision}", "--trainer.fast_dev_run=1",
+         f"--trainer.default_root_dir={tmp_path}"]
+    )
+    assert type(cli.model.vision).__name__ == "TimmVisionEncoder"
+    assert cli.trainer.global_step == 1
+
+
+def test_test_subcommand_reports_on_the_test_split(tiny_config, tmp_path, capsys):
+    cli = main(
+        ["test", "--config", str(tiny_config), "--trainer.callbacks+=pixellm.callbacks.ValidationReport",
+         f"--trainer.default_root_dir={tmp_path}"]
+    )
+    assert 0.0 <= float(cli.trainer.callback_metrics["test/gIoU"]) <= 1.0
+    assert "test/gIoU" in capsys.readouterr().out

@@ -5,13 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import build_from_config
-
 
 @pytest.fixture(scope="module")
-def task_and_batch(tiny_config):
+def task_and_batch(tiny_config, build):
     torch.manual_seed(0)
-    task, data = build_from_config(tiny_config)
+    task, data = build(tiny_config)
     data.prepare_data()
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
@@ -81,6 +79,6 @@ def test_real_generation_runs_with_the_kv_cache(task_and_batch):
     assert all(isinstance(o["answer"], str) for o in out)
 
 
-def test_mismatched_widths_name_the_config_keys(tiny_config):
+def test_mismatched_widths_name_the_config_keys(tiny_config, build):
     with pytest.raises(ValueError, match="codebook.hidden_size"):
-        build_from_config(tiny_config, "--model.init_args.codebook.init_args.hidden_size=48")
+        build(tiny_config, "--model.init_args.codebook.init_args.hidden_size=48")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
-from torch import Tensor
+from torch import Tensor, nn
 
 from pixellm.metrics.iou import MaskIoU
 from pixellm.model.codebook import GatheredTargets, SegmentationCodebook
@@ -74,7 +74,7 @@ class PixelLMTask(LightningModule):
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.lmm.extend_vocabulary(len(self.tokenizer))
         self._check_widths()
-        self.val_iou = MaskIoU()
+        self.iou = nn.ModuleDict({"val": MaskIoU(), "test": MaskIoU()})
 
     def _check_widths(self) -> None:
         """Fail at construction, with the config keys to fix, when the parts do not fit together."""
@@ -142,19 +142,32 @@ class PixelLMTask(LightningModule):
             self.log(f"train/{name}", value, batch_size=batch_size, prog_bar=name == "loss")
         return terms["loss"]
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def _evaluate(self, batch: dict, stage: str) -> None:
+        """Teacher-forced losses and masks of ``stage`` ("val" or "test") into its IoU metric."""
         ce, masks = self.teacher_forced(batch)
         terms = self.loss(ce, masks, batch["masks"])
         batch_size = len(batch["masks"])
         for name, value in terms.items():
-            self.log(f"val/{name}", value, batch_size=batch_size)
-        self.val_iou.update(masks, batch["masks"])
+            self.log(f"{stage}/{name}", value, batch_size=batch_size)
+        self.iou[stage].update(masks, batch["masks"])
+
+    def _log_iou(self, stage: str) -> None:
+        scores = self.iou[stage].compute()
+        self.log(f"{stage}/gIoU", scores["gIoU"], prog_bar=True)
+        self.log(f"{stage}/cIoU", scores["cIoU"], prog_bar=True)
+        self.iou[stage].reset()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
-        scores = self.val_iou.compute()
-        self.log("val/gIoU", scores["gIoU"], prog_bar=True)
-        self.log("val/cIoU", scores["cIoU"], prog_bar=True)
-        self.val_iou.reset()
+        self._log_iou("val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_iou("test")
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Greedy generation with a KV cache; masks from the states that emitted codebook tokens.

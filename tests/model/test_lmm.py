@@ -67,7 +67,7 @@ def test_kv_cache_generation_equals_recomputation_and_batching():
     image = torch.randn(2, 4, 32)
     prompts = [torch.tensor([[1, IMAGE_ID, 4, 9]]), torch.tensor([[1, 5, 6, IMAGE_ID, 3, 8]])]
     singles = []
-    for prompt, img in zip(prompts, image):
+    for prompt, img in zip(prompts, image, strict=False):
         inputs = lmm.build_inputs(prompt, torch.ones_like(prompt), img[None], IMAGE_ID)
         ids, states = lmm.generate(inputs, max_new_tokens=6, eos_token_id=-1)
         assert ids[0].tolist() == greedy_without_cache(lmm, prompt, img[None], 6)
@@ -104,3 +104,28 @@ def test_lora_hits_only_the_language_model_and_new_rows_learn():
     grad = lmm.embed_tokens.weight.grad
     assert grad[:40].abs().sum() == 0 and grad[41].abs().sum() > 0
     assert lmm.lm_head.weight.grad[42].abs().sum() > 0
+
+
+def test_from_pretrained_loads_a_local_llava_folder(tmp_path):
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaConfig,
+        LlavaForConditionalGeneration,
+    )
+
+    torch.manual_seed(0)
+    config = LlavaConfig(
+        text_config=LlamaConfig(**TEXT),
+        vision_config=CLIPVisionConfig(hidden_size=8, num_attention_heads=1, num_hidden_layers=1, intermediate_size=16),
+    )
+    LlavaForConditionalGeneration(config).save_pretrained(tmp_path / "llava")
+    saved = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava")
+    lmm = LlavaLMM(pretrained=str(tmp_path / "llava"))
+    assert lmm.llava.model.vision_tower is None  # replaced by pixellm's own multi-scale encoder
+    assert torch.equal(lmm.embed_tokens.weight, saved.model.language_model.embed_tokens.weight)
+    assert torch.equal(lmm.projector.linear_1.weight, saved.model.multi_modal_projector.linear_1.weight)
+    with pytest.raises(ValueError, match="exactly one"):
+        LlavaLMM(pretrained=str(tmp_path / "llava"), text_config=TEXT)
+    with pytest.raises(OSError):
+        LlavaLMM(pretrained=str(tmp_path / "missing"))

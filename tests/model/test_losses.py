@@ -34,8 +34,8 @@ def test_refinement_loss_equals_hand_computed_value():
     weights = [alpha, 1, 1, 1]  # A over the 4 pixels, row-major
     total = sum(
         w * bce(x, t)
-        for xs, ts in zip(flat(LOGITS), flat(TARGETS))
-        for w, x, t in zip(weights, xs, ts)
+        for xs, ts in zip(flat(LOGITS), flat(TARGETS), strict=False)
+        for w, x, t in zip(weights, xs, ts, strict=False)
     )
     expected = total / (2 * 2 * 2)  # 1 / (K H W)
     terms = loss(torch.tensor(0.0), [LOGITS], [TARGETS])
@@ -62,9 +62,9 @@ def test_dice_of_a_perfect_prediction_is_near_zero():
 def test_dice_equals_hand_computed_value():
     scale, eps = 1000.0, 1e-6
     expected = []
-    for xs, ts in zip(flat(LOGITS), flat(TARGETS)):
+    for xs, ts in zip(flat(LOGITS), flat(TARGETS), strict=False):
         p = [sigmoid(x) for x in xs]
-        num = 2 * sum(a * b for a, b in zip(p, ts)) / scale
+        num = 2 * sum(a * b for a, b in zip(p, ts, strict=False)) / scale
         expected.append(1 - (num + eps) / (sum(p) / scale + sum(ts) / scale + eps))
     got = dice_per_mask(LOGITS, TARGETS, torch.ones_like(TARGETS, dtype=torch.bool), scale, eps)
     assert got.tolist() == pytest.approx(expected, rel=1e-5)
@@ -86,7 +86,7 @@ def test_ignore_pixels_are_left_out():
     loss = PixelLMLoss(ce_weight=0, bce_weight=1.0, dice_weight=0, refinement_weight=0)
     got = loss(torch.tensor(0.0), [LOGITS], [targets])["bce"].item()
     expected = sum(
-        bce(x, t) for xs, ts in zip(flat(LOGITS), flat(TARGETS)) for x, t in list(zip(xs, ts))[:3]
+        bce(x, t) for xs, ts in zip(flat(LOGITS), flat(TARGETS), strict=False) for x, t in list(zip(xs, ts, strict=False))[:3]
     ) / 6
     assert got == pytest.approx(expected, rel=1e-6)
 

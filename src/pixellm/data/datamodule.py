@@ -29,6 +29,7 @@ class MuseDataModule(LightningDataModule):
     Args:
         train_json: MUSE JSON of the training split.
         val_json: MUSE JSON of the validation split (also used for prediction).
+        test_json: MUSE JSON of the test split for ``pixellm test`` (e.g. ``muse_test_less.json``).
         image_root: Folder the records' ``file_name`` / ``coco_url`` basenames are relative to.
         tokenizer: ``"shapes"`` or a local tokenizer directory (see ``load_tokenizer``).
         num_scales: L, visual scales of the segmentation codebook.
@@ -51,6 +52,7 @@ class MuseDataModule(LightningDataModule):
         val_json: str,
         image_root: str,
         tokenizer: str,
+        test_json: str | None = None,
         num_scales: int = 2,
         tokens_per_scale: int = 3,
         image_size: int = 448,
@@ -66,6 +68,7 @@ class MuseDataModule(LightningDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.train_json, self.val_json, self.image_root = train_json, val_json, image_root
+        self.test_json = test_json
         self.codebook_tokens = codebook_token_strings(num_scales, tokens_per_scale)
         self.tokenizer = load_tokenizer(tokenizer, self.codebook_tokens)
         self.image_size, self.template, self.max_length = image_size, template, max_length
@@ -75,6 +78,7 @@ class MuseDataModule(LightningDataModule):
         self.num_workers, self.seed = num_workers, seed
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
 
     def _load(self, json_path: str) -> Dataset:
         encoder = TextEncoder(self.tokenizer, self.codebook_tokens, self.template)
@@ -84,8 +88,12 @@ class MuseDataModule(LightningDataModule):
         """Read the JSON files needed by ``stage`` (all of them when None)."""
         if stage in (None, "fit") and self.train_set is None:
             self.train_set = self._load(self.train_json)
-        if stage in (None, "fit", "validate", "test", "predict") and self.val_set is None:
+        if stage in (None, "fit", "validate", "predict") and self.val_set is None:
             self.val_set = self._load(self.val_json)
+        if stage in (None, "test") and self.test_set is None:
+            if self.test_json is None:
+                raise ValueError(f"{type(self).__name__}: `pixellm test` needs data.init_args.test_json")
+            self.test_set = self._load(self.test_json)
 
     def collator(self, mode: CollateMode) -> MuseCollator:
         """The collate function for ``mode`` ("train" or "generate")."""
@@ -124,6 +132,10 @@ class MuseDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """Teacher-forced validation batches (with labels), in file order."""
         return self._loader(self.val_set, self.val_batch_size, "train", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        """Teacher-forced test batches (with labels), in file order."""
+        return self._loader(self.test_set, self.val_batch_size, "train", shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         """Validation set in generate mode: prompts only, left-padded, no labels."""
@@ -177,6 +189,7 @@ class ShapesDataModule(MuseDataModule):
         super().__init__(
             train_json=str(folder / "muse_train.json"),
             val_json=str(folder / "muse_val.json"),
+            test_json=str(folder / "muse_val.json"),  # the held-out split doubles as test split
             image_root=str(folder / "images"),
             tokenizer=tokenizer,
             num_scales=num_scales,
@@ -192,7 +205,7 @@ class ShapesDataModule(MuseDataModule):
             seed=seed,
         )
         # Keep only this class's arguments (the JSON paths are derived): they rebuild it.
-        self.save_hyperparameters(ignore=["train_json", "val_json", "image_root"])
+        self.save_hyperparameters(ignore=["train_json", "val_json", "test_json", "image_root"])
 
     def prepare_data(self) -> None:
         """Generate the dataset once (Lightning calls this on one process per node)."""
