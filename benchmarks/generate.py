@@ -59,8 +59,8 @@ def main() -> None:
         ids = torch.randint(0, 998, (1, args.prompt_tokens))
         ids[0, 1] = IMAGE_ID
         image = torch.randn(1, args.image_tokens, size["hidden_size"])
-        inputs = lmm.build_inputs(ids, torch.ones_like(ids), image, IMAGE_ID)
         with torch.no_grad():
+            inputs = lmm.build_inputs(ids, torch.ones_like(ids), image, IMAGE_ID)
             slow, slow_ids = timed(partial(recompute, lmm, ids, image, args.new_tokens), args.repeats)
             fast, (fast_ids, _) = timed(partial(lmm.generate, inputs, args.new_tokens, -1), args.repeats)
         same = torch.equal(slow_ids, fast_ids)
