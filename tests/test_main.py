@@ -78,3 +78,12 @@ def test_test_subcommand_reports_on_the_test_split(tiny_config, tmp_path, capsys
     )
     assert 0.0 <= float(cli.trainer.callback_metrics["test/gIoU"]) <= 1.0
     assert "test/gIoU" in capsys.readouterr().out
+
+
+def test_predict_subcommand_generates_and_prints_answers(tiny_config, tmp_path, capsys):
+    main(
+        ["predict", "--config", str(tiny_config), "--trainer.callbacks+=pixellm.callbacks.PrintPredictions",
+         "--trainer.limit_predict_batches=1", f"--trainer.default_root_dir={tmp_path}"]
+    )
+    printed = capsys.readouterr().out
+    assert printed.count("Q: ") == 4 and printed.count("A: ") == 4  # one batch of the tiny config

@@ -30,3 +30,24 @@ class ValidationReport(Callback):
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._report(trainer, "test")
+
+
+class PrintPredictions(Callback):
+    """Prints each predicted answer with its mask count (``pixellm predict``); at most ``limit`` lines."""
+
+    def __init__(self, limit: int = 20) -> None:
+        self.limit = limit
+        self.printed = 0
+
+    def on_predict_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: list[dict], batch: dict,
+        batch_idx: int, dataloader_idx: int = 0,
+    ) -> None:
+        console = Console()
+        for item in outputs:
+            if self.printed >= self.limit:
+                return
+            masks = item["masks"]
+            console.print(f"[bold]Q:[/bold] {item['question']}", markup=True, highlight=False, soft_wrap=True)
+            console.print(f"[bold]A:[/bold] {item['answer']}  ({masks.shape[0]} masks)", markup=True, highlight=False, soft_wrap=True)
+            self.printed += 1
