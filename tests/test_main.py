@@ -87,3 +87,17 @@ def test_predict_subcommand_generates_and_prints_answers(tiny_config, tmp_path, 
     )
     printed = capsys.readouterr().out
     assert printed.count("Q: ") == 4 and printed.count("A: ") == 4  # one batch of the tiny config
+
+
+def test_the_installed_pixellm_command_exits_with_status_zero(tiny_config, tmp_path):
+    import subprocess
+
+    command = Path(sys.executable).parent / "pixellm"
+    assert command.exists(), "install the package (pip install -e .) to get the `pixellm` command"
+    result = subprocess.run(
+        [str(command), "fit", "--config", str(tiny_config), "--trainer.fast_dev_run=1",
+         f"--trainer.default_root_dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "LightningCLI object" not in result.stderr

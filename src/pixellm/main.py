@@ -27,5 +27,10 @@ def main(args: list[str] | None = None) -> LightningCLI:
     )
 
 
-if __name__ == "__main__":
+def console() -> None:
+    """Entry point of the ``pixellm`` console script (exit status 0 on success)."""
     main()
+
+
+if __name__ == "__main__":
+    console()
