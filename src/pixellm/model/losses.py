@@ -119,8 +119,10 @@ class PixelLMLoss(nn.Module):
             if "refinement" in sums:
                 weights = overlap_weights(pred, self.alpha)
                 sums["refinement"].append(bce_per_mask(pred, truth, valid, weights))
-        anchor = sum(p.sum() for p in logits) * 0.0  # keeps the graph when a batch has no mask
-        return {name: torch.cat(v).mean() if v else anchor for name, v in sums.items()}
+        if not any(pred.shape[0] for pred in logits):  # no mask in the batch: zeros that keep the graph
+            anchor = sum(pred.sum() for pred in logits) * 0.0
+            return {name: anchor for name in sums}
+        return {name: torch.cat(values).mean() for name, values in sums.items()}
 
     def forward(self, ce: Tensor, logits: list[Tensor], targets: list[Tensor]) -> dict[str, Tensor]:
         """All enabled terms and their weighted sum under ``"loss"``."""
