@@ -109,10 +109,15 @@ def test_masks_follow_text_order_and_fallback_is_counted(tmp_path: Path) -> None
     assert second.answer == "the red box {seg} and the ball {seg}."
     assert torch.equal(second.masks, torch.from_numpy(np.stack([left, corner])))
     assert second.meta == {
+        "dataset": "muse",
         "json": str(path),
         "record_index": 0,
         "question_index": 1,
         "file_name": "img.png",
+        "targets": [  # names and xywh boxes -> xyxy, in text order
+            {"description": "the red box", "bbox": [0.0, 0.0, 3.0, 6.0]},
+            {"description": "ball", "bbox": [5.0, 4.0, 8.0, 6.0]},
+        ],
     }
     assert first.image.size == (W, H) and first.image.mode == "RGB"
 

@@ -18,6 +18,7 @@ from pixellm.data.preprocess import (
     drop_long_samples,
 )
 from pixellm.data.shapes import ensure_shapes_dataset, shapes_dataset_dir
+from pixellm.data.splits import EvalMode, EvalSplit
 from pixellm.tokenizer import codebook_token_strings, load_tokenizer
 
 CACHE_ENV = "PIXELLM_CACHE"
@@ -44,6 +45,8 @@ class MuseDataModule(LightningDataModule):
         val_batch_size: Validation/prediction batch size (default: ``batch_size``).
         num_workers: DataLoader worker processes.
         seed: Seed of the training shuffle.
+        eval_mode: How val and test are evaluated: "teacher_forced" or "generate" (see
+            ``EvalSplit``).
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class MuseDataModule(LightningDataModule):
         val_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        eval_mode: EvalMode = "teacher_forced",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -76,6 +80,7 @@ class MuseDataModule(LightningDataModule):
         self.batch_size = batch_size
         self.val_batch_size = batch_size if val_batch_size is None else val_batch_size
         self.num_workers, self.seed = num_workers, seed
+        self.eval_mode = EvalSplit("val", eval_mode).mode
         self.train_set: Dataset | None = None
         self.val_set: Dataset | None = None
         self.test_set: Dataset | None = None
@@ -129,13 +134,19 @@ class MuseDataModule(LightningDataModule):
         """Shuffled (seeded) teacher-forced batches; the last incomplete batch is dropped."""
         return self._loader(self.train_set, self.batch_size, "train", shuffle=True)
 
+    def eval_splits(self, stage: str) -> list[EvalSplit]:
+        """One split per dataloader of ``stage`` ("val" or "test"), in dataloader order."""
+        return [EvalSplit(stage, self.eval_mode)]
+
     def val_dataloader(self) -> DataLoader:
-        """Teacher-forced validation batches (with labels), in file order."""
-        return self._loader(self.val_set, self.val_batch_size, "train", shuffle=False)
+        """Validation batches in file order, collated for ``eval_mode``."""
+        mode = self.eval_splits("val")[0].collate_mode
+        return self._loader(self.val_set, self.val_batch_size, mode, shuffle=False)
 
     def test_dataloader(self) -> DataLoader:
-        """Teacher-forced test batches (with labels), in file order."""
-        return self._loader(self.test_set, self.val_batch_size, "train", shuffle=False)
+        """Test batches in file order, collated for ``eval_mode``."""
+        mode = self.eval_splits("test")[0].collate_mode
+        return self._loader(self.test_set, self.val_batch_size, mode, shuffle=False)
 
     def predict_dataloader(self) -> DataLoader:
         """Validation set in generate mode: prompts only, left-padded, no labels."""
@@ -178,6 +189,7 @@ class ShapesDataModule(MuseDataModule):
         val_batch_size: int | None = None,
         num_workers: int = 0,
         seed: int = 0,
+        eval_mode: EvalMode = "teacher_forced",
     ) -> None:
         self.cache_dir = cache_dir or default_cache_dir()
         self.num_train_images = num_train_images
@@ -203,6 +215,7 @@ class ShapesDataModule(MuseDataModule):
             val_batch_size=val_batch_size,
             num_workers=num_workers,
             seed=seed,
+            eval_mode=eval_mode,
         )
         # Keep only this class's arguments (the JSON paths are derived): they rebuild it.
         self.save_hyperparameters(ignore=["train_json", "val_json", "test_json", "image_root"])

@@ -47,6 +47,21 @@ def fallback_answer(annotations: list[dict[str, Any]]) -> str:
     return _join_names(names)
 
 
+def target_description(annotation: dict[str, Any], mask: np.ndarray) -> dict[str, Any]:
+    """``{"description", "bbox"}`` of one target: its name and [x0, y0, x1, y1] box.
+
+    The box is the annotation's ``bbox`` (COCO xywh) when present, else the mask's extent.
+    """
+    name = str(annotation.get("rephrased_name") or annotation.get("category_name") or "object")
+    if isinstance(annotation.get("bbox"), (list, tuple)) and len(annotation["bbox"]) == 4:
+        x, y, w, h = (float(v) for v in annotation["bbox"])
+        box = [x, y, x + w, y + h]
+    else:
+        ys, xs = np.nonzero(mask)
+        box = [float(xs.min()), float(ys.min()), float(xs.max() + 1), float(ys.max() + 1)] if xs.size else []
+    return {"description": name, "bbox": box}
+
+
 def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
     """Decode a COCO segmentation (polygons, compressed or uncompressed RLE) to (H, W) uint8.
 
@@ -220,10 +235,12 @@ class MuseDataset(Dataset[Sample]):
             else torch.zeros((0, height, width), dtype=torch.uint8)
         )
         meta = {
+            "dataset": "muse",
             "json": str(self.json_path),
             "record_index": index,
             "question_index": q,
             "file_name": str(path.relative_to(self.image_root)),
+            "targets": [target_description(a, m) for a, m in zip(record["answers"][q], masks, strict=True)],
         }
         return Sample(
             image=image,
