@@ -17,11 +17,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from pixellm.data.conversation import SEG_PLACEHOLDER
+from pixellm.data.images import confined_path, open_rgb
 from pixellm.data.sample import Sample
 
 REQUIRED_FIELDS = ("height", "width", "questions", "answers")
@@ -143,16 +143,10 @@ class MuseDataset(Dataset[Sample]):
         else:
             raise self._error(index, "file_name", "missing (and no 'coco_url' either)")
         for candidate in candidates:
-            parts = PurePosixPath(candidate.replace("\\", "/"))
-            if (
-                parts.is_absolute()
-                or ".." in parts.parts
-                or candidate.startswith(("/", "\\"))
-                or ":" in parts.parts[0]
-            ):
-                raise self._error(
-                    index, field, f"{candidate!r} escapes the image root {self.image_root}"
-                )
+            try:
+                confined_path(self.image_root, candidate)
+            except ValueError as err:
+                raise self._error(index, field, str(err)) from err
         return candidates
 
     def _add_record(self, index: int, record: Any) -> None:
@@ -202,7 +196,7 @@ class MuseDataset(Dataset[Sample]):
         )
 
     def _image_path(self, index: int) -> Path:
-        candidates = [self.image_root / c for c in self.image_paths[index]]
+        candidates = [confined_path(self.image_root, c) for c in self.image_paths[index]]
         for path in candidates:
             if path.is_file():
                 return path
@@ -216,7 +210,7 @@ class MuseDataset(Dataset[Sample]):
         record = self.records[index]
         height, width = int(record["height"]), int(record["width"])
         path = self._image_path(index)
-        image = Image.open(path).convert("RGB")
+        image = open_rgb(path)
         if image.size != (width, height):
             raise self._error(
                 index,
