@@ -23,6 +23,8 @@ from pixellm.model.lmm import LlavaLMM, MultimodalInputs
 from pixellm.model.losses import PixelLMLoss
 from pixellm.model.projection import VisionDecoderProjection
 from pixellm.model.vision import VisionEncoder
+from pixellm.reliability.nonfinite import NonFiniteLossGuard
+from pixellm.reliability.skipping import is_empty_batch
 from pixellm.schedule import WarmupLinearLR
 from pixellm.tokenizer import IMAGE_TOKEN, load_tokenizer
 
@@ -43,6 +45,8 @@ class PixelLMTask(LightningModule):
             betas (0.9, 0.95), weight decay 0).
         scheduler: builds the LR scheduler from the optimizer, stepped every optimizer step.
         max_new_tokens: generation length limit of ``predict_step``.
+        max_nonfinite_steps: training steps with a NaN/Inf loss that are skipped (no update) before
+            the run stops (see ``NonFiniteLossGuard``).
     """
 
     def __init__(
@@ -58,6 +62,7 @@ class PixelLMTask(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         max_new_tokens: int = 64,
+        max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
         self.vision = vision
@@ -69,6 +74,7 @@ class PixelLMTask(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.max_new_tokens = max_new_tokens
+        self.nonfinite = NonFiniteLossGuard(max_nonfinite_steps)
         self.tokenizer = load_tokenizer(tokenizer, codebook.tokens)
         self.codebook.bind(self.tokenizer.convert_tokens_to_ids(codebook.tokens))
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -134,9 +140,13 @@ class PixelLMTask(LightningModule):
         return ce, masks
 
     # ------------------------------------------------------------------ Lightning hooks
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
+        if is_empty_batch(batch):  # every sample was skipped: no step
+            return None
         ce, masks = self.teacher_forced(batch)
         terms = self.loss(ce, masks, batch["masks"])
+        if self.nonfinite.should_skip(terms["loss"], self.global_step):
+            return None
         batch_size = len(batch["masks"])
         for name, value in terms.items():
             self.log(f"train/{name}", value, batch_size=batch_size, prog_bar=name == "loss")
@@ -144,6 +154,8 @@ class PixelLMTask(LightningModule):
 
     def _evaluate(self, batch: dict, stage: str) -> None:
         """Teacher-forced losses and masks of ``stage`` ("val" or "test") into its IoU metric."""
+        if is_empty_batch(batch):
+            return
         ce, masks = self.teacher_forced(batch)
         terms = self.loss(ce, masks, batch["masks"])
         batch_size = len(batch["masks"])
@@ -175,6 +187,8 @@ class PixelLMTask(LightningModule):
         Returns, per question: the answer text, (K, H, W) bool masks in text order, and the count of
         codebook tokens ignored because they did not complete a group of L*N.
         """
+        if is_empty_batch(batch):
+            return []
         features, inputs = self.encode(batch, with_labels=False)
         eos = self.tokenizer.eos_token_id
         ids, states = self.lmm.generate(inputs, self.max_new_tokens, eos)  # (B, n), (B, n, H)

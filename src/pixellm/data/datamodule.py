@@ -19,6 +19,8 @@ from pixellm.data.preprocess import (
 )
 from pixellm.data.shapes import ensure_shapes_dataset, shapes_dataset_dir
 from pixellm.data.splits import EvalMode, EvalSplit
+from pixellm.reliability.resumable_loader import EpochShuffleSampler, ResumableDataLoader
+from pixellm.reliability.skipping import SkipBadSamples, SkipFilteringCollate
 from pixellm.tokenizer import codebook_token_strings, load_tokenizer
 
 CACHE_ENV = "PIXELLM_CACHE"
@@ -117,15 +119,16 @@ class MuseDataModule(LightningDataModule):
     ) -> DataLoader:
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
+        # bad samples are skipped and counted (pixellm.reliability.skipping); the shuffled order
+        # is a function of (seed, epoch) and resumes mid-epoch (reliability.resumable_loader)
+        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
+        return ResumableDataLoader(
+            SkipBadSamples(dataset),
             batch_size=batch_size,
-            shuffle=shuffle,
+            sampler=sampler,
             drop_last=shuffle,
-            generator=generator,
             num_workers=self.num_workers,
-            collate_fn=self.collator(mode),
+            collate_fn=SkipFilteringCollate(self.collator(mode)),
             pin_memory=torch.cuda.is_available(),
             persistent_workers=self.num_workers > 0,
         )

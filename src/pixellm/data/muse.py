@@ -17,12 +17,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 
 from pixellm.data.conversation import SEG_PLACEHOLDER
-from pixellm.data.images import confined_path, open_rgb
+from pixellm.data.errors import DataError
+from pixellm.data.images import EXIF_ORIENTATION_KEY, confined_path, open_rgb
 from pixellm.data.sample import Sample
+from pixellm.data.segmentation import decode_segmentation
 
 REQUIRED_FIELDS = ("height", "width", "questions", "answers")
 ARTICLES = ("the ", "a ", "an ")
@@ -62,32 +63,6 @@ def target_description(annotation: dict[str, Any], mask: np.ndarray) -> dict[str
     return {"description": name, "bbox": box}
 
 
-def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """Decode a COCO segmentation (polygons, compressed or uncompressed RLE) to (H, W) uint8.
-
-    Raises:
-        ValueError: If the segmentation has an unknown form or another image size.
-    """
-    if isinstance(segmentation, dict) and isinstance(segmentation.get("counts"), (str, bytes)):
-        counts = segmentation["counts"]
-        rle = {
-            "size": list(segmentation["size"]),
-            "counts": counts.encode("ascii") if isinstance(counts, str) else counts,
-        }
-    elif isinstance(segmentation, dict) and "counts" in segmentation:
-        rle = mask_utils.frPyObjects(segmentation, height, width)
-    elif isinstance(segmentation, list):
-        polygons = [p for p in segmentation if isinstance(p, list) and len(p) >= 6]
-        if not polygons:
-            return np.zeros((height, width), np.uint8)
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
-    else:
-        raise ValueError(f"unknown segmentation of type {type(segmentation).__name__}")
-    if list(rle["size"]) != [height, width]:
-        raise ValueError(f"RLE size {list(rle['size'])} differs from the image's {[height, width]}")
-    return mask_utils.decode(rle).astype(np.uint8)
-
-
 class MuseDataset(Dataset[Sample]):
     """One item per (record, question) of a MUSE JSON file.
 
@@ -100,19 +75,26 @@ class MuseDataset(Dataset[Sample]):
         num_fallback_answers: How many questions got an answer built from annotation names.
 
     Raises:
-        ValueError: On invalid JSON or a missing/ill-typed field, naming file, record and field.
+        DataError: On a file that is not UTF-8 JSON, a missing or ill-typed field, a
+            ``file_name`` escaping the root or an annotation id repeated within one answer,
+            naming file, record and field. ``__getitem__`` raises it for an unreadable image or
+            segmentation (``pixellm.reliability.skipping`` skips and counts such samples).
     """
 
     def __init__(self, json_path: str | Path, image_root: str | Path) -> None:
         self.json_path = Path(json_path)
         self.image_root = Path(image_root)
         try:
-            records = json.loads(self.json_path.read_text())
+            records = json.loads(self.json_path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise DataError(
+                f"not UTF-8 at byte {err.start}", file=self.json_path, hint="re-encode it as UTF-8"
+            ) from err
         except json.JSONDecodeError as err:
-            raise ValueError(f"{self.json_path}: invalid JSON: {err}") from err
+            raise DataError(f"invalid JSON: {err}", file=self.json_path) from err
         if not isinstance(records, list):
-            raise ValueError(
-                f"{self.json_path}: expected a JSON list of records, got {type(records).__name__}"
+            raise DataError(
+                f"expected a JSON list of records, got {type(records).__name__}", file=self.json_path
             )
         self.records: list[dict[str, Any]] = records
         self.items: list[tuple[int, int]] = []
@@ -129,8 +111,14 @@ class MuseDataset(Dataset[Sample]):
             )
             warnings.warn(message, stacklevel=2)
 
-    def _error(self, index: int, field: str, problem: str) -> ValueError:
-        return ValueError(f"{self.json_path}: record {index}: field {field!r}: {problem}")
+    def _error(self, index: int, field: str, problem: str, hint: str | None = None) -> DataError:
+        return DataError(
+            problem,
+            file=self.json_path,
+            index=index,
+            field=field,
+            hint=hint or "fix or remove the record",
+        )
 
     def _relative_paths(self, index: int, record: dict[str, Any]) -> list[str]:
         """Candidate image paths under the root: ``file_name``, or ``coco_url``'s basename then
@@ -145,18 +133,21 @@ class MuseDataset(Dataset[Sample]):
         for candidate in candidates:
             try:
                 confined_path(self.image_root, candidate)
-            except ValueError as err:
-                raise self._error(index, field, str(err)) from err
+            except DataError as err:
+                raise self._error(index, field, err.problem) from err
         return candidates
 
     def _add_record(self, index: int, record: Any) -> None:
         if not isinstance(record, dict):
-            raise ValueError(
-                f"{self.json_path}: record {index}: expected an object, got {type(record).__name__}"
+            raise DataError(
+                f"expected an object, got {type(record).__name__}", file=self.json_path, index=index
             )
         for field in REQUIRED_FIELDS:
             if field not in record:
                 raise self._error(index, field, "missing")
+        for field in ("height", "width"):
+            if not isinstance(record[field], int) or isinstance(record[field], bool) or record[field] < 1:
+                raise self._error(index, field, f"expected a positive integer, got {record[field]!r}")
         questions, answers = record["questions"], record["answers"]
         if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):
             raise self._error(index, "questions", "expected a list of strings")
@@ -171,6 +162,9 @@ class MuseDataset(Dataset[Sample]):
                 raise self._error(
                     index, f"answers[{q}]", "expected a list of annotations with 'segmentation'"
                 )
+            ids = [t["id"] for t in targets if "id" in t]
+            if len(set(map(repr, ids))) != len(ids):
+                raise self._error(index, f"answers[{q}]", f"annotation ids {ids} repeat a target")
         texts = record.get("text_answers")
         if texts is not None and (not isinstance(texts, list) or len(texts) != len(questions)):
             texts = None
@@ -200,9 +194,11 @@ class MuseDataset(Dataset[Sample]):
         for path in candidates:
             if path.is_file():
                 return path
-        raise FileNotFoundError(
-            f"{self.json_path}: record {index}: image not found; "
-            f"tried {[str(p) for p in candidates]}"
+        raise self._error(
+            index,
+            "file_name",
+            f"image not found; tried {[str(p) for p in candidates]}",
+            "check data.init_args.image_root",
         )
 
     def __getitem__(self, i: int) -> Sample:
@@ -210,19 +206,28 @@ class MuseDataset(Dataset[Sample]):
         record = self.records[index]
         height, width = int(record["height"]), int(record["width"])
         path = self._image_path(index)
-        image = open_rgb(path)
+        try:
+            image = open_rgb(path)
+        except DataError as err:
+            raise self._error(index, "file_name", f"{path}: {err.problem}", err.hint) from err
         if image.size != (width, height):
+            rotated = image.info.get(EXIF_ORIENTATION_KEY, 1) != 1
             raise self._error(
                 index,
                 "height/width",
-                f"{height}x{width} but {path} is {image.size[1]}x{image.size[0]}",
+                f"{height}x{width} but {path} is {image.size[1]}x{image.size[0]}"
+                + (" after its EXIF orientation" if rotated else ""),
+                "the annotation must describe the image as displayed (EXIF orientation applied)"
+                if rotated
+                else None,
             )
         masks = []
         for t, ann in enumerate(record["answers"][q]):
             try:
                 masks.append(decode_segmentation(ann["segmentation"], height, width))
-            except (ValueError, TypeError, KeyError) as err:
-                raise self._error(index, f"answers[{q}][{t}].segmentation", str(err)) from err
+            except DataError as err:
+                field = f"answers[{q}][{t}].segmentation"
+                raise self._error(index, field, err.problem, err.hint) from err
         stacked = (
             torch.from_numpy(np.stack(masks))
             if masks

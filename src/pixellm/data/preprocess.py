@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import Subset
 
 from pixellm.data.conversation import build_prompt, fill_answer
+from pixellm.data.errors import DataError
 from pixellm.data.muse import MuseDataset
 from pixellm.tokenizer import IMAGE_TOKEN
 
@@ -55,6 +56,18 @@ class ImageTransform:
         out = torch.zeros(3, self.image_size, self.image_size)
         out[:, :h, :w] = pixels  # (3, S, S)
         return out, (h, w)
+
+
+def neutralize_tokens(text: str, tokens: list[str]) -> str:
+    """``text`` with each literal ``tokens`` string broken by a space after its first character.
+
+    A user who types ``[SEG0]`` in a question gets ordinary text, never a codebook token (which
+    would add a target and pair the masks with the wrong states).
+    """
+    while any(t in text for t in tokens):
+        for token in tokens:
+            text = text.replace(token, token[0] + " " + token[1:])
+    return text
 
 
 @dataclass(frozen=True)
@@ -117,21 +130,33 @@ class TextEncoder:
             num_targets: K, the number of target masks.
             where: Text naming the sample in error messages (file, record, question).
 
+        Codebook token strings typed in the question are neutralised (see ``neutralize_tokens``).
+
         Raises:
-            ValueError: If the answer's codebook tokens are not K·L·N or the image token is not
-                there exactly once.
+            DataError: If the question is empty or not valid Unicode, the answer's codebook tokens
+                are not K·L·N or the image token is not there exactly once.
         """
-        prompt_ids = self.bos + self._ids(build_prompt(self.template, question))
+        if not question.strip():
+            raise DataError(f"{where}: the question is empty")
+        try:
+            question.encode("utf-8"), answer.encode("utf-8")
+        except UnicodeEncodeError as err:
+            raise DataError(f"{where}: text holds an invalid character ({err.reason})") from err
+        question = neutralize_tokens(question, self.codebook_tokens)
+        try:
+            prompt_ids = self.bos + self._ids(build_prompt(self.template, question))
+        except ValueError as err:
+            raise DataError(f"{where}: {err}") from err
         filled = fill_answer(answer, self.codebook_tokens)
         answer_ids = self._ids(filled) + [self.tokenizer.eos_token_id]
         found = sum(i in self.codebook_ids for i in answer_ids)
         if found != num_targets * len(self.codebook_tokens):
-            raise ValueError(
+            raise DataError(
                 f"{where}: answer {answer!r} has {found} codebook tokens, expected "
                 f"{num_targets} targets x {len(self.codebook_tokens)}"
             )
         if prompt_ids.count(self.image_id) != 1 or self.image_id in answer_ids:
-            raise ValueError(f"{where}: the sequence must hold exactly one {IMAGE_TOKEN!r}")
+            raise DataError(f"{where}: the sequence must hold exactly one {IMAGE_TOKEN!r}")
         return EncodedText(
             input_ids=prompt_ids + answer_ids,
             labels=[IGNORE_INDEX] * len(prompt_ids) + answer_ids,
@@ -143,23 +168,32 @@ class TextEncoder:
 def drop_long_samples(dataset: MuseDataset, encoder: TextEncoder, max_length: int) -> Subset:
     """Keep the samples whose whole sequence fits ``max_length`` tokens (the image counts as one).
 
-    Long samples are skipped, never truncated (that could cut codebook tokens away); one summary
-    warning counts them.
+    Long samples are skipped, never truncated (that could cut codebook tokens away), and so are
+    samples whose text ``encoder`` refuses (``DataError``: empty question, codebook count unlike
+    the targets, ...); one summary warning counts each kind and quotes the first refusal.
     """
-    keep = []
+    keep, refused = [], []
     for i in range(len(dataset)):
         question, answer, k = dataset.text(i)
-        if (
-            len(
-                encoder.encode(question, answer, k, where=f"{dataset.json_path} item {i}").input_ids
-            )
-            <= max_length
-        ):
+        record, q = dataset.items[i]
+        where = f"{dataset.json_path}: record {record} question {q}"
+        try:
+            length = len(encoder.encode(question, answer, k, where=where).input_ids)
+        except DataError as err:
+            refused.append(str(err))
+            continue
+        if length <= max_length:
             keep.append(i)
-    if len(keep) < len(dataset):
+    if len(keep) + len(refused) < len(dataset):
         warnings.warn(
-            f"{dataset.json_path}: skipped {len(dataset) - len(keep)} of {len(dataset)} samples "
-            f"longer than max_length={max_length} tokens",
+            f"{dataset.json_path}: skipped {len(dataset) - len(keep) - len(refused)} of "
+            f"{len(dataset)} samples longer than max_length={max_length} tokens",
+            stacklevel=2,
+        )
+    if refused:
+        warnings.warn(
+            f"{dataset.json_path}: skipped {len(refused)} of {len(dataset)} samples whose text "
+            f"cannot be encoded; first: {refused[0]}",
             stacklevel=2,
         )
     return Subset(dataset, keep)

@@ -1,0 +1,93 @@
+"""Checkpoint files written atomically, read safely, and failing with a message that names them.
+
+Lightning's ``TorchCheckpointIO`` writes the final file in place, so a run killed while saving
+leaves a truncated ``last.ckpt``, and a truncated file then fails in ``torch.load`` with a zip or
+pickle traceback. ``AtomicCheckpointIO`` writes to a hidden temporary file in the same folder,
+flushes it to disk and ``os.replace``-s it over the target (atomic on POSIX and Windows), so a
+crash at any point leaves the previous checkpoint whole; it loads with ``weights_only=True`` and
+turns any failure into a ``CheckpointError`` naming the file. Use it as ``trainer.plugins``.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be loaded (names the file and what to do)."""
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    """``torch.save(obj, path)`` through a temporary file and ``os.replace``.
+
+    The temporary file is removed when saving fails; ``path`` is then untouched.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"  # hidden: no "last*.ckpt" glob
+    try:
+        with open(tmp, "xb") as handle:  # the umask's permissions, like a plain save
+            torch.save(obj, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+    """``torch.load(path, weights_only=True)`` with every failure turned into ``CheckpointError``.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        CheckpointError: If it is truncated, corrupt, not a checkpoint, or holds objects that
+            ``weights_only`` loading refuses (the message names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    try:
+        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # zip, pickle and storage errors all mean "unusable file"
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise CheckpointError(
+            f"{path}: not a loadable checkpoint ({type(err).__name__}: {first_line}). It is "
+            "truncated or corrupt (e.g. a copy cut short), or holds objects that safe "
+            "(weights_only) loading refuses; resume from an earlier checkpoint"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return checkpoint
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoint IO: atomic writes, ``weights_only`` reads, errors that name the file.
+
+    Remote paths (``s3://...``) fall back to Lightning's ``TorchCheckpointIO``.
+    """
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], path: str | Path, storage_options: Any | None = None
+    ) -> None:
+        if "://" in str(path) or storage_options is not None:
+            super().save_checkpoint(checkpoint, path, storage_options)
+            return
+        atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(
+        self,
+        path: str | Path,
+        map_location: Callable | Any = "cpu",
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        if "://" in str(path):
+            return super().load_checkpoint(path, map_location, weights_only=True)
+        return load_checkpoint_file(path, map_location)
