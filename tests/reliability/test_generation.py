@@ -1,0 +1,62 @@
+"""Generation faults: partial codebook groups, codebook tokens without an image, no targets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pixellm.data.errors import DataError
+from pixellm.data.preprocess import TextEncoder
+
+
+@pytest.fixture(scope="module")
+def task_and_batch(tiny_config, build):
+    torch.manual_seed(0)
+    task, data = build(tiny_config)
+    data.prepare_data()
+    data.setup("fit")
+    return task.eval(), next(iter(data.predict_dataloader()))
+
+
+def _generate(task, batch, rows: list[list[int]], monkeypatch: pytest.MonkeyPatch) -> list[dict]:
+    """``predict_step`` with the LLM's generation replaced by ``rows`` (one per question)."""
+    ids = torch.tensor(rows)  # (B, n)
+    states = torch.randn(*ids.shape, task.lmm.hidden_size)  # (B, n, H)
+    monkeypatch.setattr(task.lmm, "generate", lambda inputs, n, eos_id: (ids, states))
+    with torch.no_grad():
+        return task.predict_step(batch, 0)
+
+
+def test_codebook_count_not_a_multiple_of_the_group_keeps_whole_groups(task_and_batch, monkeypatch):
+    task, batch = task_and_batch
+    code, eos = task.codebook.token_ids.tolist(), task.tokenizer.eos_token_id
+    word = task.tokenizer.convert_tokens_to_ids("the")
+    rows = [[word, *code, *code, *code[:3], eos]]  # 15 codebook tokens, L*N = 6
+    rows += [[word] + [eos] * (len(rows[0]) - 1)] * (batch["input_ids"].shape[0] - 1)
+    out = _generate(task, batch, rows, monkeypatch)
+    assert out[0]["masks"].shape[0] == 2 and out[0]["dropped_codebook_tokens"] == 3
+    assert [o["dropped_codebook_tokens"] for o in out[1:]] == [0] * (len(out) - 1)
+    with pytest.raises(ValueError, match=r"sequences \[0\] hold \[15\] codebook tokens, not a multiple of L\*N = 6"):
+        task.codebook.gather(torch.randn(1, len(rows[0]), task.lmm.hidden_size), torch.tensor(rows[:1]))
+
+
+def test_zero_targets_generated_gives_empty_mask_stacks(task_and_batch, monkeypatch):
+    task, batch = task_and_batch
+    word, eos = task.tokenizer.convert_tokens_to_ids("the"), task.tokenizer.eos_token_id
+    out = _generate(task, batch, [[word, word, eos]] * batch["input_ids"].shape[0], monkeypatch)
+    sizes = batch["original_sizes"].tolist()
+    assert [tuple(o["masks"].shape) for o in out] == [(0, h, w) for h, w in sizes]
+    assert all(o["dropped_codebook_tokens"] == 0 and o["answer"] == "the the" for o in out)
+
+
+def test_codebook_tokens_without_an_image_are_refused(task_and_batch):
+    task, batch = task_and_batch
+    broken = dict(batch)
+    ids = batch["input_ids"].clone()
+    ids[ids == task.image_token_id] = int(task.codebook.token_ids[0])  # image token -> [SEG0]
+    broken["input_ids"] = ids
+    with pytest.raises(ValueError, match="every sequence needs exactly one image token"):
+        task.encode(broken, with_labels=False)
+    encoder = TextEncoder(task.tokenizer, task.codebook.tokens, "plain")
+    with pytest.raises(DataError, match="must hold exactly one '<image>'"):
+        encoder.encode("where?", "it {seg} <image>", 1)

@@ -1,0 +1,140 @@
+"""Skipping bad samples: counted across worker processes, summarised, limited, never misaligned."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from pixellm.data.datamodule import MuseDataModule
+from pixellm.data.errors import DataError
+from pixellm.data.sample import Sample
+from pixellm.reliability.skipping import (
+    SkipBadSamples,
+    SkipFilteringCollate,
+    SkipLimitExceeded,
+    SkippedSample,
+    SkippedSamplesReport,
+    is_empty_batch,
+)
+
+from muse_files import H, W, record, write_dataset
+
+
+class Numbered(Dataset):
+    """Item i: a 1x2x2 mask filled with i and meta {"i": i}; listed items raise DataError."""
+
+    def __init__(self, size: int, bad: set[int], refused_by_collate: set[int] = frozenset()) -> None:
+        self.size, self.bad, self.refused = size, bad, refused_by_collate
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __getitem__(self, i: int) -> Sample:
+        if i in self.bad:
+            raise DataError("broken", file="n.json", index=i, field="segmentation")
+        return Sample(Image.new("RGB", (2, 2)), "q", "a", torch.full((1, 2, 2), i), {"i": i})
+
+
+def collate(samples: list[Sample]) -> dict[str, Any]:
+    if any(s.meta["i"] % 10 == 7 for s in samples):
+        raise DataError(f"text of item {[s.meta['i'] for s in samples]} refused")
+    return {"masks": [s.masks for s in samples], "meta": [s.meta for s in samples]}
+
+
+def test_skips_travel_with_the_batch_from_worker_processes() -> None:
+    loader = DataLoader(
+        SkipBadSamples(Numbered(12, bad={1, 5, 6})),
+        batch_size=4,
+        num_workers=2,
+        collate_fn=SkipFilteringCollate(collate),
+    )
+    batches = list(loader)
+    kept = [m["i"] for b in batches for m in b["meta"]]
+    assert kept == [0, 2, 3, 4, 8, 9, 10, 11]  # 7 refused by collate, 1, 5, 6 by the dataset
+    for b in batches:  # every mask still belongs to its own sample
+        assert [int(m.flatten()[0]) for m in b["masks"]] == [m["i"] for m in b["meta"]]
+    skipped = [s for b in batches for s in b["skipped"]]
+    assert [s.index for s in skipped] == [1, 5, 6, None]
+    assert skipped[0].reason == "n.json: record 1: field 'segmentation': broken"
+    assert skipped[3].reason == "text of item [7] refused"
+
+
+def test_a_batch_of_only_bad_samples_is_empty() -> None:
+    batch = SkipFilteringCollate(collate)([SkippedSample(3, "bad"), SkippedSample(4, "bad")])
+    assert batch == {"meta": [], "skipped": [SkippedSample(3, "bad"), SkippedSample(4, "bad")]}
+    assert is_empty_batch(batch) and not is_empty_batch({"meta": [{}], "skipped": []})
+
+
+def test_other_exceptions_are_bugs_and_propagate() -> None:
+    class Buggy(Numbered):
+        def __getitem__(self, i: int) -> Sample:
+            raise KeyError("a bug, not bad data")
+
+    with pytest.raises(KeyError, match="a bug"):
+        SkipBadSamples(Buggy(2, set()))[0]
+
+
+def _feed(report: SkippedSamplesReport, trainer: Any, batches: list[dict]) -> None:
+    for i, batch in enumerate(batches):
+        report.on_train_batch_start(trainer, None, batch, i)
+    report.on_train_epoch_end(trainer, None)
+
+
+def _batch(used: int, skipped: int) -> dict:
+    return {"meta": [{}] * used, "skipped": [SkippedSample(i, f"bad {i}") for i in range(skipped)]}
+
+
+def test_epoch_summary_counts_and_quotes_reasons() -> None:
+    trainer = SimpleNamespace(num_training_batches=3, current_epoch=2)
+    report = SkippedSamplesReport(max_skipped_fraction=0.2)
+    with pytest.warns(UserWarning) as caught:
+        _feed(report, trainer, [_batch(4, 0), _batch(3, 1), _batch(4, 0)])
+    assert str(caught[0].message) == (
+        "train epoch 2: skipped 1 of 12 samples (8.33 %); first reasons:\n  bad 0"
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _feed(report, trainer, [_batch(4, 0)] * 3)  # a clean epoch: counts restart, no warning
+
+
+def test_limit_stops_the_run_with_the_summary() -> None:
+    trainer = SimpleNamespace(num_training_batches=3, current_epoch=0)
+    report = SkippedSamplesReport(0.1)  # evaluation: at the end of the epoch
+    for i, batch in enumerate([_batch(4, 0), _batch(2, 2), _batch(4, 0)]):
+        report.on_validation_batch_start(trainer, None, batch, i)
+    with pytest.raises(
+        SkipLimitExceeded,
+        match=r"^val epoch 0: skipped 2 of 12 samples \(16\.67 %\); first reasons:\n  bad 0\n  bad 1\n"
+        r"more than 10\.00% skipped$",
+    ):
+        report.on_validation_epoch_end(trainer, None)
+    # training: within the epoch as soon as the skips alone exceed the limit of its ~12 samples
+    report = SkippedSamplesReport(0.1)
+    report.on_train_batch_start(trainer, None, _batch(3, 1), 0)
+    with pytest.raises(SkipLimitExceeded, match=r"already more than 10\.00% of the epoch's ~12 samples"):
+        report.on_train_batch_start(trainer, None, _batch(3, 1), 1)
+
+
+def test_datamodule_loaders_skip_and_count_a_bad_image(tmp_path: Path) -> None:
+    records = [record(file_name=f"{i}.png") for i in range(6)]
+    images = {f"{i}.png": Image.new("RGB", (W, H), (i, 0, 0)) for i in range(6)}
+    path = write_dataset(tmp_path, records, images)
+    (tmp_path / "images" / "3.png").write_bytes(b"broken")
+    data = MuseDataModule(
+        str(path), str(path), str(tmp_path / "images"), "shapes",
+        image_size=32, template="plain", batch_size=3, val_batch_size=3,
+    )
+    data.setup("fit")
+    with pytest.warns(UserWarning, match=r"skipping bad sample\(s\), first: .*record 3: field 'file_name'"):
+        batches = list(data.val_dataloader())
+    assert [m["record_index"] for b in batches for m in b["meta"]] == [0, 1, 2, 4, 5]
+    assert [len(b["skipped"]) for b in batches] == [0, 1]
+    assert "3.png: not a readable image" in batches[1]["skipped"][0].reason
+    assert all(len(b["masks"]) == len(b["meta"]) == b["pixel_values"].shape[0] for b in batches)

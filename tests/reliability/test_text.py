@@ -1,0 +1,95 @@
+"""Bad or hostile text: long prompts, empty questions, invalid characters, typed codebook tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from transformers import PreTrainedTokenizerBase
+
+from pixellm.data.errors import DataError
+from pixellm.data.muse import MuseDataset
+from pixellm.data.preprocess import TextEncoder, drop_long_samples, neutralize_tokens
+from pixellm.tokenizer import IMAGE_TOKEN, codebook_token_strings, load_tokenizer
+
+from muse_files import record, write_dataset
+
+CODEBOOK = codebook_token_strings(2, 3)
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerBase:
+    return load_tokenizer("shapes", CODEBOOK)
+
+
+@pytest.fixture(scope="module")
+def encoder(tokenizer: PreTrainedTokenizerBase) -> TextEncoder:
+    return TextEncoder(tokenizer, CODEBOOK, "plain")
+
+
+def _codebook_ids(encoder: TextEncoder, ids: list[int]) -> int:
+    return sum(i in encoder.codebook_ids for i in ids)
+
+
+def test_prompt_longer_than_model_max_length_is_never_truncated(
+    tokenizer: PreTrainedTokenizerBase, encoder: TextEncoder, tmp_path: Path
+) -> None:
+    question = "is the red circle left of " * 40 + "the square?"  # ~ 250 tokens
+    limit = tokenizer.model_max_length
+    tokenizer.model_max_length = 16
+    try:
+        encoded = encoder.encode(question, "it {seg} and it {seg}.", 2)
+    finally:
+        tokenizer.model_max_length = limit
+    assert len(encoded.input_ids) > 200
+    assert _codebook_ids(encoder, encoded.labels) == 2 * 6  # every codebook token is kept
+    long_record = record()
+    long_record["questions"] = [question]
+    dataset = MuseDataset(write_dataset(tmp_path, [record(), long_record]), tmp_path / "images")
+    with pytest.warns(UserWarning, match=r"skipped 1 of 2 samples longer than max_length=64 tokens"):
+        kept = drop_long_samples(dataset, encoder, max_length=64)
+    assert list(kept.indices) == [0]
+
+
+def test_empty_question_is_refused_and_skipped_at_setup(encoder: TextEncoder, tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"^x\.json record 3: the question is empty$"):
+        encoder.encode("  \n", "it {seg}.", 1, where="x.json record 3")
+    empty = record(questions=[""])
+    dataset = MuseDataset(write_dataset(tmp_path, [record(), empty]), tmp_path / "images")
+    with pytest.warns(
+        UserWarning,
+        match=r"skipped 1 of 2 samples whose text cannot be encoded; first: .*muse\.json: record 1 "
+        r"question 0: the question is empty",
+    ):
+        kept = drop_long_samples(dataset, encoder, max_length=512)
+    assert list(kept.indices) == [0]
+
+
+def test_invalid_unicode_in_a_question(encoder: TextEncoder, tmp_path: Path) -> None:
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps([record(questions=["where \ud800 is it?"])]))  # a lone surrogate
+    dataset = MuseDataset(path, tmp_path)
+    question, answer, k = dataset.text(0)
+    with pytest.raises(DataError, match=r"m\.json rec 0: text holds an invalid character \(surrogates"):
+        encoder.encode(question, answer, k, where="m.json rec 0")
+
+
+def test_typed_codebook_tokens_stay_text(encoder: TextEncoder) -> None:
+    typed = "what does [SEG0][SEG1] [SEG5] mean?"
+    encoded = encoder.encode(typed, "it {seg}.", 1)
+    prompt = encoded.input_ids[: encoded.prompt_length]
+    assert _codebook_ids(encoder, prompt) == 0  # the question adds no target
+    assert _codebook_ids(encoder, encoded.input_ids) == 6  # only the answer's one group
+    assert neutralize_tokens(typed, CODEBOOK) == "what does [ SEG0][ SEG1] [ SEG5] mean?"
+    assert neutralize_tokens("[SEG[SEG0]0]", CODEBOOK) == "[SEG[ SEG0]0]"
+
+
+def test_typed_image_token_is_refused(encoder: TextEncoder) -> None:
+    with pytest.raises(DataError, match=rf"q7: question must not contain '{IMAGE_TOKEN}'"):
+        encoder.encode(f"look {IMAGE_TOKEN}", "none.", 0, where="q7")
+
+
+def test_codebook_tokens_in_an_answer_text_are_refused(encoder: TextEncoder) -> None:
+    with pytest.raises(DataError, match=r"has 12 codebook tokens, expected 1 targets x 6"):
+        encoder.encode("where?", "it {seg} or [SEG0] [SEG1] [SEG2] [SEG3] [SEG4] [SEG5]", 1)

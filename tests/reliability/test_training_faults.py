@@ -1,0 +1,92 @@
+"""Training faults: NaN/Inf losses, empty batches, a crash while saving, a corrupted checkpoint."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from pixellm.reliability import checkpoint_io
+from pixellm.reliability.checkpoint_io import (
+    AtomicCheckpointIO,
+    CheckpointError,
+    load_checkpoint_file,
+)
+from pixellm.reliability.nonfinite import NonFiniteLossError, NonFiniteLossGuard
+from pixellm.reliability.skipping import SkippedSample
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_nonfinite_losses_are_skipped_counted_then_fatal(bad: float) -> None:
+    guard = NonFiniteLossGuard(max_skipped_steps=2)
+    assert guard.should_skip(torch.tensor(1.5), step=0) is False
+    with pytest.warns(UserWarning, match=rf"training loss is {bad} at step 3: step skipped \(1 of at most 2\)"):
+        assert guard.should_skip(torch.tensor(bad), step=3) is True
+    with pytest.warns(UserWarning, match=r"\(2 of at most 2\)"):
+        assert guard.should_skip(torch.tensor(bad), step=4) is True
+    with pytest.raises(NonFiniteLossError, match=rf"training loss is {bad} at step 9, after 2 skipped .*max_nonfinite_steps=2"):
+        guard.should_skip(torch.tensor(bad), step=9)
+
+
+def test_task_skips_nan_steps_and_empty_batches(tiny_config, build, monkeypatch) -> None:
+    task, data = build(tiny_config, "--model.init_args.max_nonfinite_steps=1")
+    data.prepare_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    empty = {"meta": [], "skipped": [SkippedSample(0, "bad")]}
+    assert task.training_step(empty, 0) is None
+    assert task.validation_step(empty, 0) is None and task.predict_step(empty, 0) == []
+    nan_terms = {"loss": torch.tensor(float("nan")), "ce": torch.tensor(1.0)}
+    monkeypatch.setattr(task.loss, "forward", lambda ce, masks, truth: nan_terms)
+    with pytest.warns(UserWarning, match="step skipped"):
+        assert task.training_step(batch, 0) is None
+    assert task.nonfinite.skipped == 1
+    with pytest.raises(NonFiniteLossError, match="after 1 skipped"):
+        task.training_step(batch, 1)
+
+
+def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path: Path, monkeypatch) -> None:
+    io = AtomicCheckpointIO()
+    path = tmp_path / "last.ckpt"
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}, "global_step": 1}, path)
+    real_save = torch.save
+
+    def save_half_then_die(obj, handle) -> None:
+        real_save(obj, handle)
+        handle.truncate(handle.tell() // 2)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", save_half_then_die)
+    with pytest.raises(OSError, match="disk full"):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "global_step": 2}, path)
+    assert os.listdir(tmp_path) == ["last.ckpt"]  # no temporary file left behind
+    loaded = io.load_checkpoint(path)
+    assert loaded["global_step"] == 1 and torch.equal(loaded["state_dict"]["w"], torch.ones(3))
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_corrupted_checkpoints_fail_with_the_file_name(tmp_path: Path, monkeypatch) -> None:
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(1000.0)}}, good)
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[:300])
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"\x00\xffnot a checkpoint" * 10)
+    for path in (truncated, garbage):
+        with pytest.raises(CheckpointError, match=rf"{path.name}: not a loadable checkpoint .*resume from an earlier"):
+            load_checkpoint_file(path)
+    monkeypatch.chdir(tmp_path)
+    hostile = tmp_path / "hostile.ckpt"
+    hostile.write_bytes(pickle.dumps({"state_dict": Payload()}, protocol=2))
+    with pytest.raises(CheckpointError, match=r"hostile\.ckpt: not a loadable checkpoint"):
+        AtomicCheckpointIO().load_checkpoint(hostile)
+    assert not (tmp_path / "pwned").exists()  # weights_only: the payload never ran
+    with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
+        load_checkpoint_file(tmp_path / "absent.ckpt")
