@@ -23,7 +23,7 @@ from pixellm.model.lmm import LlavaLMM, MultimodalInputs
 from pixellm.model.losses import PixelLMLoss
 from pixellm.model.projection import VisionDecoderProjection
 from pixellm.model.vision import VisionEncoder
-from pixellm.reliability.nonfinite import NonFiniteLossGuard
+from pixellm.reliability.nonfinite import NonFiniteLossGuard, skipped_step_loss
 from pixellm.reliability.skipping import is_empty_batch
 from pixellm.schedule import WarmupLinearLR
 from pixellm.tokenizer import IMAGE_TOKEN, load_tokenizer
@@ -141,12 +141,12 @@ class PixelLMTask(LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
-        if is_empty_batch(batch):  # every sample was skipped: no step
-            return None
+        if is_empty_batch(batch):  # every sample was skipped: no update
+            return skipped_step_loss(self)
         ce, masks = self.teacher_forced(batch)
         terms = self.loss(ce, masks, batch["masks"])
         if self.nonfinite.should_skip(terms["loss"], self.global_step):
-            return None
+            return skipped_step_loss(self)
         batch_size = len(batch["masks"])
         for name, value in terms.items():
             self.log(f"train/{name}", value, batch_size=batch_size, prog_bar=name == "loss")

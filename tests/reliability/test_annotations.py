@@ -11,14 +11,13 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from muse_files import H, W, annotation, compressed_rle, record, square_polygon, write_dataset
 from PIL import Image
 
 from pixellm.data.errors import DataError
 from pixellm.data.images import EXIF_ORIENTATION_TAG
 from pixellm.data.muse import MuseDataset
 from pixellm.data.segmentation import decode_segmentation
-
-from muse_files import H, W, annotation, compressed_rle, record, square_polygon, write_dataset
 
 
 def _dataset(folder: Path, records: Any, **kwargs: Any) -> MuseDataset:

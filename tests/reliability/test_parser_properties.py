@@ -11,13 +11,12 @@ from typing import Any
 import numpy as np
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from muse_files import H, W, record, write_dataset
 from pycocotools import mask as mask_utils
 
 from pixellm.data.errors import DataError
 from pixellm.data.muse import MuseDataset
 from pixellm.data.segmentation import compressed_rle_counts, decode_segmentation
-
-from muse_files import H, W, record, write_dataset
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

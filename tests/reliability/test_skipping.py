@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from muse_files import H, W, record, write_dataset
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
@@ -23,8 +24,6 @@ from pixellm.reliability.skipping import (
     SkippedSamplesReport,
     is_empty_batch,
 )
-
-from muse_files import H, W, record, write_dataset
 
 
 class Numbered(Dataset):
@@ -60,7 +59,7 @@ def test_skips_travel_with_the_batch_from_worker_processes() -> None:
     assert kept == [0, 2, 3, 4, 8, 9, 10, 11]  # 7 refused by collate, 1, 5, 6 by the dataset
     for b in batches:  # every mask still belongs to its own sample
         assert [int(m.flatten()[0]) for m in b["masks"]] == [m["i"] for m in b["meta"]]
-    skipped = [s for b in batches for s in b["skipped"]]
+    skipped = [s for b in batches for s in b.get("skipped", [])]
     assert [s.index for s in skipped] == [1, 5, 6, None]
     assert skipped[0].reason == "n.json: record 1: field 'segmentation': broken"
     assert skipped[3].reason == "text of item [7] refused"
@@ -70,6 +69,7 @@ def test_a_batch_of_only_bad_samples_is_empty() -> None:
     batch = SkipFilteringCollate(collate)([SkippedSample(3, "bad"), SkippedSample(4, "bad")])
     assert batch == {"meta": [], "skipped": [SkippedSample(3, "bad"), SkippedSample(4, "bad")]}
     assert is_empty_batch(batch) and not is_empty_batch({"meta": [{}], "skipped": []})
+    assert "skipped" not in SkipFilteringCollate(collate)([Numbered(1, set())[0]])
 
 
 def test_other_exceptions_are_bugs_and_propagate() -> None:
@@ -135,6 +135,33 @@ def test_datamodule_loaders_skip_and_count_a_bad_image(tmp_path: Path) -> None:
     with pytest.warns(UserWarning, match=r"skipping bad sample\(s\), first: .*record 3: field 'file_name'"):
         batches = list(data.val_dataloader())
     assert [m["record_index"] for b in batches for m in b["meta"]] == [0, 1, 2, 4, 5]
-    assert [len(b["skipped"]) for b in batches] == [0, 1]
+    assert [len(b.get("skipped", [])) for b in batches] == [0, 1]
     assert "3.png: not a readable image" in batches[1]["skipped"][0].reason
     assert all(len(b["masks"]) == len(b["meta"]) == b["pixel_values"].shape[0] for b in batches)
+
+
+def test_fit_skips_a_bad_image_and_reports_or_stops(tmp_path: Path, tiny_config, build) -> None:
+    from lightning import Trainer
+
+    records = [record(file_name=f"{i}.png") for i in range(8)]
+    images = {f"{i}.png": Image.new("RGB", (W, H), (30 * i, 0, 0)) for i in range(8)}
+    path = write_dataset(tmp_path, records, images)
+    (tmp_path / "images" / "5.png").write_bytes(b"\x89PNG broken")
+    task, _ = build(tiny_config)
+    data = MuseDataModule(
+        str(path), str(path), str(tmp_path / "images"), "shapes",
+        image_size=32, template="plain", batch_size=4, val_batch_size=4,
+    )
+
+    def fit(report: SkippedSamplesReport) -> Trainer:
+        trainer = Trainer(
+            max_epochs=1, callbacks=[report], logger=False, enable_checkpointing=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+        )
+        trainer.fit(task, data)
+        return trainer
+
+    with pytest.warns(UserWarning, match=r"train epoch 0: skipped 1 of 8 samples \(12\.50 %\); first reasons:\n  .*record 5: field 'file_name': .*5\.png: not a readable image"):
+        assert fit(SkippedSamplesReport(max_skipped_fraction=0.2)).global_step == 2
+    with pytest.raises(SkipLimitExceeded, match=r"skipped 1 of \d samples"):
+        fit(SkippedSamplesReport(max_skipped_fraction=0.1))

@@ -6,14 +6,13 @@ import json
 from pathlib import Path
 
 import pytest
+from muse_files import record, write_dataset
 from transformers import PreTrainedTokenizerBase
 
 from pixellm.data.errors import DataError
 from pixellm.data.muse import MuseDataset
 from pixellm.data.preprocess import TextEncoder, drop_long_samples, neutralize_tokens
 from pixellm.tokenizer import IMAGE_TOKEN, codebook_token_strings, load_tokenizer
-
-from muse_files import record, write_dataset
 
 CODEBOOK = codebook_token_strings(2, 3)
 

@@ -90,3 +90,21 @@ def test_corrupted_checkpoints_fail_with_the_file_name(tmp_path: Path, monkeypat
     assert not (tmp_path / "pwned").exists()  # weights_only: the payload never ran
     with pytest.raises(FileNotFoundError, match="checkpoint file not found"):
         load_checkpoint_file(tmp_path / "absent.ckpt")
+
+
+def test_skipped_step_keeps_every_rank_in_the_all_reduce(monkeypatch) -> None:
+    from types import SimpleNamespace
+
+    from lightning import LightningModule
+
+    from pixellm.reliability.nonfinite import skipped_step_loss
+
+    module = LightningModule()
+    module.layer = torch.nn.Linear(2, 3)
+    assert skipped_step_loss(module) is None  # no trainer: one device
+    monkeypatch.setattr(module, "_trainer", SimpleNamespace(world_size=2))
+    loss = skipped_step_loss(module)
+    loss.backward()
+    assert float(loss.detach()) == 0.0
+    assert torch.equal(module.layer.weight.grad, torch.zeros(3, 2))
+    assert torch.equal(module.layer.bias.grad, torch.zeros(3))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+from lightning import LightningModule
 from torch import Tensor
 
 
@@ -15,8 +16,7 @@ class NonFiniteLossError(RuntimeError):
 class NonFiniteLossGuard:
     """Decides whether a training step is skipped because its loss is not finite.
 
-    A skipped step makes no update (the task returns ``None`` from ``training_step``, which
-    Lightning documents as "skip to the next batch"; single-device only, as Lightning says).
+    The task then returns ``skipped_step_loss(self)`` from ``training_step`` (see there).
 
     Args:
         max_skipped_steps: The run stops with ``NonFiniteLossError`` at the next non-finite loss
@@ -54,3 +54,20 @@ class NonFiniteLossGuard:
             stacklevel=2,
         )
         return True
+
+
+def skipped_step_loss(module: LightningModule) -> Tensor | None:
+    """What ``training_step`` returns for a step it skips (non-finite loss, empty batch).
+
+    On one device ``None``: Lightning then makes no backward pass and no update. With several
+    processes ``None`` would leave the other ranks waiting in the gradient all-reduce, so it is a
+    zero loss over every trainable parameter instead: all gradients are 0 and every rank joins the
+    all-reduce (the optimizer still applies its momentum for that step).
+    """
+    try:
+        world_size = module.trainer.world_size
+    except RuntimeError:  # not attached to a Trainer
+        world_size = 1
+    if world_size == 1:
+        return None
+    return torch.stack([p.sum() for p in module.parameters() if p.requires_grad]).sum() * 0.0

@@ -6,7 +6,8 @@ itself has ``state_dict`` / ``load_state_dict`` (it saves them under ``loops.fit
 .combined_loader``, and loads them before it creates the epoch's iterator). A plain shuffled
 DataLoader restarts the interrupted epoch from its first batch with another permutation.
 
-``EpochShuffleSampler`` draws epoch ``e``'s permutation from ``numpy.random.default_rng([seed, e])``,
+``EpochShuffleSampler`` makes epoch ``e``'s permutation a function of (seed, e) alone (the order
+a seeded ``DataLoader(shuffle=True)`` gives over whole epochs, so earlier runs keep their order),
 and ``ResumableDataLoader`` saves ``{"epoch", "batches"}`` (batches the training loop consumed in
 that epoch) and, when loaded, starts the sampler after them. So a run killed at any step and
 resumed with ``ckpt_path="last"`` sees exactly the batches an uninterrupted run sees.
@@ -20,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-import numpy as np
+import torch
 from torch.utils.data import DataLoader, Sampler
 
 
@@ -44,8 +45,16 @@ class EpochShuffleSampler(Sampler[int]):
         self.epoch = epoch
 
     def permutation(self, epoch: int) -> list[int]:
-        """The order of ``epoch``."""
-        return np.random.default_rng([self.seed, epoch]).permutation(self.num_samples).tolist()
+        """The order of ``epoch``: the one ``DataLoader(shuffle=True)`` with a generator seeded
+        ``seed`` gives in that epoch, if every earlier epoch was read to its end (each epoch its
+        iterator draws a worker seed, then its ``RandomSampler`` two permutations)."""
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(epoch):
+            torch.empty((), dtype=torch.int64).random_(generator=generator)
+            torch.randperm(self.num_samples, generator=generator)
+            torch.randperm(self.num_samples, generator=generator)
+        torch.empty((), dtype=torch.int64).random_(generator=generator)
+        return torch.randperm(self.num_samples, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
         start = 0

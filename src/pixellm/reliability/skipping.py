@@ -6,7 +6,7 @@ Three parts, each usable alone:
   ``SkippedSample`` (index and message) instead of an exception in a DataLoader worker;
 - ``SkipFilteringCollate`` wraps a collate function: it drops ``SkippedSample`` items (and samples
   the collate function refuses with ``DataError``), collates the rest and lists the skipped ones
-  under ``batch["skipped"]``. Masks are never re-paired: a sample is dropped whole, with its masks.
+  under ``batch["skipped"]`` (absent from batches where nothing was skipped). Masks are never re-paired: a sample is dropped whole, with its masks.
   The counts travel with the batch, so they reach the main process from any worker;
 - ``SkippedSamplesReport`` (a Callback) counts them per stage, warns with a summary at the end of
   each epoch and stops the run with that summary (``SkipLimitExceeded``) once more than
@@ -35,7 +35,7 @@ SKIPPED_KEY = "skipped"
 REASONS_KEPT = 5  # distinct messages quoted per stage in a summary
 
 
-@dataclass(frozen=True)
+@dataclass  # not frozen: Lightning's batch_to_device rebuilds dataclasses field by field
 class SkippedSample:
     """A dataset item that could not be used.
 
@@ -112,7 +112,8 @@ class SkipFilteringCollate:
         if skipped and not self.warned:
             self.warned = True
             warnings.warn(f"skipping bad sample(s), first: {skipped[0].reason}", stacklevel=2)
-        batch[SKIPPED_KEY] = skipped
+        if skipped or not samples:  # clean batches keep the collate function's keys only
+            batch[SKIPPED_KEY] = skipped
         return batch
 
 
