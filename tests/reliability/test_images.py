@@ -136,3 +136,11 @@ def test_paths_escaping_the_root(tmp_path: Path, relative: str) -> None:
     with pytest.raises(DataError, match="escapes the image root"):
         confined_path(tmp_path, relative)
     assert confined_path(tmp_path, "sub/x.png") == tmp_path / "sub" / "x.png"
+
+
+def test_invalid_exif_orientation_keeps_the_stored_pixels(tmp_path: Path) -> None:
+    exif = Image.Exif()
+    exif[EXIF_ORIENTATION_TAG] = 42  # not an orientation
+    Image.new("RGB", (3, 2), (9, 9, 9)).save(tmp_path / "odd.jpg", exif=exif)
+    image = open_rgb(tmp_path / "odd.jpg")
+    assert image.size == (3, 2) and image.info[EXIF_ORIENTATION_KEY] == 1

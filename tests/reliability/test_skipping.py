@@ -66,7 +66,8 @@ def test_skips_travel_with_the_batch_from_worker_processes() -> None:
 
 
 def test_a_batch_of_only_bad_samples_is_empty() -> None:
-    batch = SkipFilteringCollate(collate)([SkippedSample(3, "bad"), SkippedSample(4, "bad")])
+    with pytest.warns(UserWarning, match=r"^skipping bad sample\(s\), first: bad$"):
+        batch = SkipFilteringCollate(collate)([SkippedSample(3, "bad"), SkippedSample(4, "bad")])
     assert batch == {"meta": [], "skipped": [SkippedSample(3, "bad"), SkippedSample(4, "bad")]}
     assert is_empty_batch(batch) and not is_empty_batch({"meta": [{}], "skipped": []})
     assert "skipped" not in SkipFilteringCollate(collate)([Numbered(1, set())[0]])

@@ -122,11 +122,13 @@ class MuseDataModule(LightningDataModule):
         # bad samples are skipped and counted (pixellm.reliability.skipping); the shuffled order
         # is a function of (seed, epoch) and resumes mid-epoch (reliability.resumable_loader)
         sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
+        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return ResumableDataLoader(
             SkipBadSamples(dataset),
             batch_size=batch_size,
             sampler=sampler,
             drop_last=shuffle,
+            generator=generator,
             num_workers=self.num_workers,
             collate_fn=SkipFilteringCollate(self.collator(mode)),
             pin_memory=torch.cuda.is_available(),

@@ -90,6 +90,16 @@ def to_rgb(image: Image.Image, background: tuple[int, int, int] = ALPHA_BACKGROU
     return Image.alpha_composite(base, rgba).convert("RGB")
 
 
+def exif_orientation(image: Image.Image) -> int:
+    """The EXIF orientation (1-8) of an opened image; 1 when absent, invalid or unreadable (a
+    broken EXIF block does not make the pixels unusable)."""
+    try:
+        orientation = int(image.getexif().get(EXIF_ORIENTATION_TAG, 1))
+    except Exception:  # Pillow raises many types on malformed EXIF
+        return 1
+    return orientation if 1 <= orientation <= 8 else 1
+
+
 def open_rgb(
     path: str | Path,
     max_pixels: int | None = None,
@@ -127,10 +137,9 @@ def open_rgb(
                         file=path,
                         hint=f"shrink the image or raise ${MAX_PIXELS_ENV}",
                     )
-                orientation = int(image.getexif().get(EXIF_ORIENTATION_TAG, 1) or 1)
+                orientation = exif_orientation(image)
                 image.load()
-                oriented = ImageOps.exif_transpose(image)
-                rgb = to_rgb(oriented)
+                rgb = to_rgb(ImageOps.exif_transpose(image) if orientation != 1 else image)
     except DataError:
         raise
     except Exception as err:  # Pillow's decoders raise many types on malformed files

@@ -12,8 +12,9 @@ and ``ResumableDataLoader`` saves ``{"epoch", "batches"}`` (batches the training
 that epoch) and, when loaded, starts the sampler after them. So a run killed at any step and
 resumed with ``ckpt_path="last"`` sees exactly the batches an uninterrupted run sees.
 
-Single device only: under DDP Lightning replaces the sampler with its distributed sampler, and the
-loader then saves no position (Lightning warns that the epoch restarts).
+Single device only: under DDP Lightning replaces the sampler with its ``DistributedSampler``
+(shuffled by seed and epoch), and the loader then saves no position (Lightning warns that the
+interrupted epoch restarts).
 """
 
 from __future__ import annotations
@@ -22,11 +23,14 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader, RandomSampler
 
 
-class EpochShuffleSampler(Sampler[int]):
+class EpochShuffleSampler(RandomSampler):
     """A permutation of ``range(num_samples)`` that is a pure function of (seed, epoch).
+
+    A ``RandomSampler``, so that under DDP Lightning sees a shuffled loader and gives each rank
+    its ``DistributedSampler`` (shuffled per epoch) in place of this one.
 
     Args:
         num_samples: Items of the dataset.
@@ -34,7 +38,7 @@ class EpochShuffleSampler(Sampler[int]):
     """
 
     def __init__(self, num_samples: int, seed: int = 0) -> None:
-        self.num_samples = num_samples
+        super().__init__(range(num_samples))
         self.seed = seed
         self.epoch = 0
         self.resume: tuple[int, int] | None = None  # (epoch, items to skip in it), used once
