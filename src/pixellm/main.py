@@ -11,12 +11,13 @@ from __future__ import annotations
 from lightning import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
+from pixellm.reliability.checkpoint_io import CheckpointCheckingCLI
 from pixellm.task import PixelLMTask
 
 
 def main(args: list[str] | None = None) -> LightningCLI:
     """Run the CLI with ``args`` (``None`` reads ``sys.argv``)."""
-    return LightningCLI(
+    return CheckpointCheckingCLI(
         PixelLMTask,
         LightningDataModule,
         subclass_mode_model=True,

@@ -108,3 +108,16 @@ def test_skipped_step_keeps_every_rank_in_the_all_reduce(monkeypatch) -> None:
     assert float(loss.detach()) == 0.0
     assert torch.equal(module.layer.weight.grad, torch.zeros(3, 2))
     assert torch.equal(module.layer.bias.grad, torch.zeros(3))
+
+
+def test_cli_names_a_truncated_ckpt_path(tmp_path: Path, tiny_config) -> None:
+    from pixellm.main import main
+    from pixellm.reliability.checkpoint_io import check_checkpoint_file
+
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": {"w": torch.arange(1000.0)}}, good)
+    check_checkpoint_file(good)
+    cut = tmp_path / "last.ckpt"
+    cut.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match=r"last\.ckpt: not a loadable checkpoint \(BadZipFile"):
+        main(["validate", "--config", str(tiny_config), "--ckpt_path", str(cut)])

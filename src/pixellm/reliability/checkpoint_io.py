@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import os
 import uuid
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import ArgumentParser
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
+from lightning.pytorch.cli import LightningCLI
 
 
 class CheckpointError(RuntimeError):
@@ -43,6 +46,31 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         raise
 
 
+def _unloadable(path: Path, err: Exception) -> CheckpointError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return CheckpointError(
+        f"{path}: not a loadable checkpoint ({type(err).__name__}: {first_line}). It is "
+        "truncated or corrupt (e.g. a copy cut short), or holds objects that safe "
+        "(weights_only) loading refuses; resume from an earlier checkpoint"
+    )
+
+
+def check_checkpoint_file(path: str | Path) -> None:
+    """Cheap check of a checkpoint's container (its zip directory, read from the file's end).
+
+    Raises:
+        CheckpointError: If ``path`` is not a zip of ``torch.save`` (e.g. truncated).
+    """
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError) as err:
+        raise _unloadable(path, err) from None
+    if not any(name.endswith("/data.pkl") for name in names):
+        raise _unloadable(path, ValueError("no data.pkl in the archive"))
+
+
 def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` with every failure turned into ``CheckpointError``.
 
@@ -57,12 +85,7 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[st
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # zip, pickle and storage errors all mean "unusable file"
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise CheckpointError(
-            f"{path}: not a loadable checkpoint ({type(err).__name__}: {first_line}). It is "
-            "truncated or corrupt (e.g. a copy cut short), or holds objects that safe "
-            "(weights_only) loading refuses; resume from an earlier checkpoint"
-        ) from None
+        raise _unloadable(path, err) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
@@ -91,3 +114,15 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         if "://" in str(path):
             return super().load_checkpoint(path, map_location, weights_only=True)
         return load_checkpoint_file(path, map_location)
+
+
+class CheckpointCheckingCLI(LightningCLI):
+    """``LightningCLI`` that checks ``--ckpt_path`` before Lightning's CLI ``torch.load``-s it
+    (for its hyper-parameters), so a truncated file fails with a ``CheckpointError`` naming it."""
+
+    def parse_arguments(self, parser: ArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and Path(path).is_file():
+            check_checkpoint_file(path)
