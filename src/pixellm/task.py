@@ -23,6 +23,7 @@ from pixellm.model.lmm import LlavaLMM, MultimodalInputs
 from pixellm.model.losses import PixelLMLoss
 from pixellm.model.projection import VisionDecoderProjection
 from pixellm.model.vision import VisionEncoder
+from pixellm.reliability.codebook_groups import drop_malformed_groups
 from pixellm.reliability.nonfinite import NonFiniteLossGuard, skipped_step_loss
 from pixellm.reliability.skipping import is_empty_batch
 from pixellm.schedule import WarmupLinearLR
@@ -185,7 +186,7 @@ class PixelLMTask(LightningModule):
         """Greedy generation with a KV cache; masks from the states that emitted codebook tokens.
 
         Returns, per question: the answer text, (K, H, W) bool masks in text order, and the count of
-        codebook tokens ignored because they did not complete a group of L*N.
+        codebook tokens ignored because they did not complete an in-order group of L*N.
         """
         if is_empty_batch(batch):
             return []
@@ -194,14 +195,15 @@ class PixelLMTask(LightningModule):
         ids, states = self.lmm.generate(inputs, self.max_new_tokens, eos)  # (B, n), (B, n, H)
         after_eos = (ids == eos).cumsum(1) > 0
         ids = ids.masked_fill(after_eos, eos)
-        targets = self.codebook.gather(states, ids, strict=False)
+        whole_groups, malformed = drop_malformed_groups(ids, self.codebook.token_ids, eos)
+        targets = self.codebook.gather(states, whole_groups, strict=False)
         masks = self.decode_masks(features, targets, batch)
         return [
             {
                 "question": batch["questions"][b],
                 "answer": self.tokenizer.decode(ids[b][~after_eos[b]].tolist()),
                 "masks": masks[b] > 0,
-                "dropped_codebook_tokens": int(targets.dropped_tokens[b]),
+                "dropped_codebook_tokens": int(targets.dropped_tokens[b] + malformed[b]),
                 "meta": batch["meta"][b],
             }
             for b in range(ids.shape[0])

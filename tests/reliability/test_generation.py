@@ -7,6 +7,7 @@ import torch
 
 from pixellm.data.errors import DataError
 from pixellm.data.preprocess import TextEncoder
+from pixellm.reliability.codebook_groups import drop_malformed_groups
 
 
 @pytest.fixture(scope="module")
@@ -60,3 +61,38 @@ def test_codebook_tokens_without_an_image_are_refused(task_and_batch):
     encoder = TextEncoder(task.tokenizer, task.codebook.tokens, "plain")
     with pytest.raises(DataError, match="must hold exactly one '<image>'"):
         encoder.encode("where?", "it {seg} <image>", 1)
+
+
+def test_only_whole_in_order_groups_are_kept() -> None:
+    code = torch.tensor([10, 11, 12, 13])  # L*N = 4
+    ids = torch.tensor([
+        [1, 10, 11, 2, 12, 13, 3, 0],  # one group with words between its tokens: kept
+        [10, 11, 10, 11, 12, 13, 12, 0],  # a broken-off start, a group, a stray token
+        [13, 12, 11, 10, 10, 11, 12, 0],  # reversed, then an unfinished group
+    ])
+    kept, dropped = drop_malformed_groups(ids, code, filler=0)
+    assert kept.tolist() == [
+        [1, 10, 11, 2, 12, 13, 3, 0],
+        [0, 0, 10, 11, 12, 13, 0, 0],
+        [0, 0, 0, 0, 0, 0, 0, 0],
+    ]
+    assert dropped.tolist() == [0, 3, 7]
+
+
+def test_a_broken_off_group_never_becomes_a_target(task_and_batch, monkeypatch):
+    task, batch = task_and_batch
+    code, eos = task.codebook.token_ids.tolist(), task.tokenizer.eos_token_id
+    word = task.tokenizer.convert_tokens_to_ids("the")
+    rows = [[word, *code[:3], word, *code, eos]]  # 9 codebook tokens: by count, 1 mixed-up group
+    rows += [[word] + [eos] * (len(rows[0]) - 1)] * (batch["input_ids"].shape[0] - 1)
+    states = torch.randn(len(rows), len(rows[0]), task.lmm.hidden_size)
+    monkeypatch.setattr(task.lmm, "generate", lambda inputs, n, eos_id: (torch.tensor(rows), states))
+    with torch.no_grad():
+        out = task.predict_step(batch, 0)
+        gathered = task.codebook.gather(states[:1, 5:11], torch.tensor(rows)[:1, 5:11])
+    assert out[0]["masks"].shape[0] == 1 and out[0]["dropped_codebook_tokens"] == 3
+    features, _ = task.encode(batch, with_labels=False)
+    gathered.batch_index = torch.zeros(1, dtype=torch.long)  # the whole group's own states
+    with torch.no_grad():
+        expected = task.decode_masks(features, gathered, batch)[0] > 0
+    assert torch.equal(out[0]["masks"], expected)
