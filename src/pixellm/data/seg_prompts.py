@@ -43,7 +43,7 @@ MULTI_ANSWERS = (
     "{segs}.",
 )
 EVAL_QUESTION = "What is {class_name} in this image? Please output segmentation mask."  # release
-EVAL_SENTENCE_QUESTION = "{sent} Please output segmentation mask."  # release, is_sentence
+EVAL_SENTENCE_QUESTION = "{class_name} Please output segmentation mask."  # release; the phrase is a sentence
 PAPER_MULTI_QUESTION = "Please segment the {class_name}."  # Sec. 5.1, multi-referring
 
 
