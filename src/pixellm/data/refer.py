@@ -48,7 +48,7 @@ def refs_path(root: Path, dataset: str, split_by: str) -> Path:
     return converted if converted.is_file() else root / dataset / f"refs({split_by}).p"
 
 
-class _ReferData(Dataset[Sample]):
+class ReferDatasetBase(Dataset[Sample]):
     """The refs of one split, indexed by image; the datasets below choose what an item is.
 
     Args:
@@ -59,6 +59,7 @@ class _ReferData(Dataset[Sample]):
         split_by: Refs partition ("unc", "google", "umd"); default "umd" for refcocog, else "unc".
         refs_file: Explicit refs file (``.p`` or ``.json``); default ``refs_path``.
         seed: Seed of every random choice (templates, target subsets).
+        train: Training items with random templates (True) or evaluation items (False).
     """
 
     def __init__(
@@ -70,8 +71,10 @@ class _ReferData(Dataset[Sample]):
         split_by: str | None = None,
         refs_file: str | None = None,
         seed: int = 0,
+        train: bool = False,
     ) -> None:
         self.dataset = dataset
+        self.train = train
         self.split = split
         self.image_root = Path(image_root)
         self.seed = seed
@@ -95,6 +98,14 @@ class _ReferData(Dataset[Sample]):
         self.image_ids = list(self.image_sentences)
         if not self.image_ids:
             raise ValueError(f"{self.refs_file}: no ref of split {split!r}")
+        self.items = self.build_items()
+
+    def build_items(self) -> list[Any]:
+        """What each index of the dataset stands for."""
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.items)
 
     def sentence(self, ref_index: int, sent_index: int) -> str:
         return self.refs[ref_index]["sentences"][sent_index]["sent"].strip().lower()
@@ -125,35 +136,19 @@ class _ReferData(Dataset[Sample]):
         return Sample(image=image, question=question, answer=answer, masks=torch.from_numpy(np.stack(masks)), meta=meta)
 
 
-class ReferDataset(_ReferData):
+class ReferDataset(ReferDatasetBase):
     """Classic single-target referring segmentation: one item per sentence, one mask.
 
     Training items draw a question template (SHORT_QUESTIONS) and answer template (ANSWERS)
     from ``(seed, index)``; evaluation items use the release's fixed prompt "What is <sentence>
     in this image? Please output segmentation mask." with the answer "{seg}.".
 
-    Args:
-        train: Random templates (True) or the fixed evaluation prompt (False).
-        (the others as ``_ReferData``.)
+    Args: as ``ReferDatasetBase``.
     """
 
-    def __init__(
-        self,
-        root: str,
-        dataset: str,
-        split: str,
-        image_root: str,
-        split_by: str | None = None,
-        refs_file: str | None = None,
-        seed: int = 0,
-        train: bool = False,
-    ) -> None:
-        super().__init__(root, dataset, split, image_root, split_by, refs_file, seed)
-        self.train = train
-        self.items = [pair for image_id in self.image_ids for pair in self.image_sentences[image_id]]
-
-    def __len__(self) -> int:
-        return len(self.items)
+    def build_items(self) -> list[tuple[int, int]]:
+        """(ref index, sentence index) of every sentence of the split."""
+        return [pair for image_id in self.image_ids for pair in self.image_sentences[image_id]]
 
     def __getitem__(self, index: int) -> Sample:
         ref_index, sent_index = self.items[index]
@@ -166,7 +161,7 @@ class ReferDataset(_ReferData):
         return self._sample(self.refs[ref_index]["image_id"], [(ref_index, sent_index)], question, answer, meta)
 
 
-class MultiReferDataset(_ReferData):
+class MultiReferDataset(ReferDatasetBase):
     """Multi-referring segmentation (Sec. 5.1): "segment the <a>, <b> and <c>", masks in order.
 
     Training (as released, ``allocate_class``): per image, up to ``max_questions *
@@ -183,12 +178,11 @@ class MultiReferDataset(_ReferData):
     (``"release"``); the answer is "{seg}, {seg} and {seg}.".
 
     Args:
-        train: Training items (True) or evaluation groups (False).
         max_questions: Training: most questions per image (release 3).
         max_targets: Training: most targets per question (release 3).
         group_sizes: Evaluation: the cycle of group sizes (release 6, 5, 4).
         eval_prompt: Evaluation question: "paper" or "release".
-        (the others as ``_ReferData``.)
+        (the others as ``ReferDatasetBase``; ``train`` picks training items or evaluation groups.)
     """
 
     def __init__(
@@ -206,29 +200,29 @@ class MultiReferDataset(_ReferData):
         group_sizes: tuple[int, ...] = EVAL_GROUP_SIZES,
         eval_prompt: Literal["paper", "release"] = "paper",
     ) -> None:
-        super().__init__(root, dataset, split, image_root, split_by, refs_file, seed)
         if min(max_questions, max_targets, *group_sizes) < 1:
             raise ValueError("max_questions, max_targets and group_sizes must be >= 1")
         if eval_prompt not in ("paper", "release"):
             raise ValueError(f"eval_prompt must be 'paper' or 'release', got {eval_prompt!r}")
-        self.train = train
         self.max_questions, self.max_targets = max_questions, max_targets
+        self.group_sizes = tuple(group_sizes)
         self.template = PAPER_MULTI_QUESTION if eval_prompt == "paper" else EVAL_QUESTION
-        # training: (image position, question); evaluation: (image position, sentence positions)
-        self.items: list[tuple[int, Any]] = []
+        super().__init__(root, dataset, split, image_root, split_by, refs_file, seed, train)
+
+    def build_items(self) -> list[tuple[int, Any]]:
+        """Training: (image position, question); evaluation: (image position, sentence positions)."""
+        items: list[tuple[int, Any]] = []
         for position, image_id in enumerate(self.image_ids):
             count = len(self.image_sentences[image_id])
-            if train:
-                self.items.extend((position, q) for q in range(min(max_questions, count)))
+            if self.train:
+                items.extend((position, q) for q in range(min(self.max_questions, count)))
                 continue
             start, cycle = 0, 0
             while start < count:
-                size = group_sizes[cycle % len(group_sizes)]
-                self.items.append((position, list(range(start, min(start + size, count)))))
+                size = self.group_sizes[cycle % len(self.group_sizes)]
+                items.append((position, list(range(start, min(start + size, count)))))
                 start, cycle = start + size, cycle + 1
-
-    def __len__(self) -> int:
-        return len(self.items)
+        return items
 
     def __getitem__(self, index: int) -> Sample:
         position, choice = self.items[index]
