@@ -40,7 +40,9 @@ def compressed_rle(mask: np.ndarray) -> dict[str, Any]:
     return {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
 
 
-def write_image(path: Path, height: int, width: int, colour: tuple[int, int, int] = (90, 60, 30)) -> None:
+def write_image(
+    path: Path, height: int, width: int, colour: tuple[int, int, int] = (90, 60, 30)
+) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (width, height), colour).save(path)
 

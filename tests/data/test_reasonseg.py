@@ -85,21 +85,30 @@ def test_training_items_are_every_query_with_seeded_templates(reason_seg: Path) 
     assert "cup" in data[1].question and data[1].answer in ANSWERS
     assert torch.equal(data[1].masks, _expected_a())  # every query asks for the same mask
     sentence = data[2].question
-    assert sentence in {t.replace("{sent}", "What would you use to cut bread?") for t in LONG_QUESTIONS}
+    assert sentence in {
+        t.replace("{sent}", "What would you use to cut bread?") for t in LONG_QUESTIONS
+    }
 
 
 def test_cp1252_files_are_read_as_lisa_does(reason_seg: Path) -> None:
     record = _record_b()
     record["text"] = ["Where is the café?"]
-    (reason_seg / "val" / "b.json").write_bytes(json.dumps(record, ensure_ascii=False).encode("cp1252"))
-    assert ReasonSegDataset(str(reason_seg), "val")[1].meta["targets"][0]["description"] == "Where is the café?"
+    (reason_seg / "val" / "b.json").write_bytes(
+        json.dumps(record, ensure_ascii=False).encode("cp1252")
+    )
+    assert (
+        ReasonSegDataset(str(reason_seg), "val")[1].meta["targets"][0]["description"]
+        == "Where is the café?"
+    )
 
 
 def test_bad_records_name_file_and_field(reason_seg: Path) -> None:
     record = _record_a()
     record["shapes"][1]["points"] = [[1, 2, 3]]
     write_json(reason_seg / "val" / "a.json", record)
-    with pytest.raises(ValueError, match=r"a.json: shapes\[1\]: field 'points': expected a list of \[x, y\]"):
+    with pytest.raises(
+        ValueError, match=r"a.json: shapes\[1\]: field 'points': expected a list of \[x, y\]"
+    ):
         ReasonSegDataset(str(reason_seg), "val")
     record = _record_b()
     del record["is_sentence"]

@@ -32,14 +32,38 @@ def _instances() -> dict:
         {"id": 2, "file_name": "COCO_train2014_2.jpg", "height": 8, "width": 8},
     ]
     annotations = [  # a polygon, a compressed RLE, a crowd (uncompressed RLE), a triangle
-        {"id": 11, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [1, 1, 4, 3],
-         "segmentation": [[1, 1, 5, 1, 5, 4, 1, 4]]},
-        {"id": 12, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [0, 6, 4, 3],
-         "segmentation": compressed_rle(box_mask(H, W, slice(6, 9), slice(0, 4)))},
-        {"id": 13, "image_id": 1, "category_id": 2, "iscrowd": 1, "bbox": [8, 0, 4, 10],
-         "segmentation": uncompressed_rle(box_mask(H, W, slice(None), slice(8, 12)))},
-        {"id": 21, "image_id": 2, "category_id": 2, "iscrowd": 0, "bbox": [0, 0, 6, 6],
-         "segmentation": [[0, 0, 6, 0, 0, 6]]},
+        {
+            "id": 11,
+            "image_id": 1,
+            "category_id": 1,
+            "iscrowd": 0,
+            "bbox": [1, 1, 4, 3],
+            "segmentation": [[1, 1, 5, 1, 5, 4, 1, 4]],
+        },
+        {
+            "id": 12,
+            "image_id": 1,
+            "category_id": 1,
+            "iscrowd": 0,
+            "bbox": [0, 6, 4, 3],
+            "segmentation": compressed_rle(box_mask(H, W, slice(6, 9), slice(0, 4))),
+        },
+        {
+            "id": 13,
+            "image_id": 1,
+            "category_id": 2,
+            "iscrowd": 1,
+            "bbox": [8, 0, 4, 10],
+            "segmentation": uncompressed_rle(box_mask(H, W, slice(None), slice(8, 12))),
+        },
+        {
+            "id": 21,
+            "image_id": 2,
+            "category_id": 2,
+            "iscrowd": 0,
+            "bbox": [0, 0, 6, 6],
+            "segmentation": [[0, 0, 6, 0, 0, 6]],
+        },
     ]
     categories = [{"id": 1, "name": "box"}, {"id": 2, "name": "person"}]
     return {"images": images, "annotations": annotations, "categories": categories}
@@ -47,9 +71,16 @@ def _instances() -> dict:
 
 def _ref(ref_id: int, image_id: int, ann_id: int, split: str, sentences: list[str]) -> dict:
     return {
-        "ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "split": split, "category_id": 1,
+        "ref_id": ref_id,
+        "ann_id": ann_id,
+        "image_id": image_id,
+        "split": split,
+        "category_id": 1,
         "sent_ids": list(range(len(sentences))),
-        "sentences": [{"sent": s, "raw": s, "tokens": s.split(), "sent_id": i} for i, s in enumerate(sentences)],
+        "sentences": [
+            {"sent": s, "raw": s, "tokens": s.split(), "sent_id": i}
+            for i, s in enumerate(sentences)
+        ],
     }
 
 
@@ -90,12 +121,16 @@ def test_single_referring_masks_equal_pycocotools(refcoco: Path) -> None:
     assert first.answer == "{seg}." and first.image.size == (W, H)
     assert first.masks.dtype == torch.uint8 and first.masks.shape == (1, H, W)
     assert torch.equal(first.masks, _expected(refcoco, 11))
-    assert first.masks[0, 1:4, 1:5].all() and first.masks.sum() == 12  # polygon: x in [1,5), y in [1,4)
+    assert (
+        first.masks[0, 1:4, 1:5].all() and first.masks.sum() == 12
+    )  # polygon: x in [1,5), y in [1,4)
     assert first.meta["targets"] == [{"description": "left box", "bbox": [1.0, 1.0, 5.0, 4.0]}]
     assert first.meta["dataset"] == "refcoco" and first.meta["ref_ids"] == [100]
     assert torch.equal(data[2].masks, _expected(refcoco, 12)) and data[2].masks.sum() == 12
     crowd = data[3].masks  # uncompressed RLE of the crowd annotation
-    assert torch.equal(crowd, _expected(refcoco, 13)) and crowd.sum() == 40 and crowd[0, :, 8:].all()
+    assert (
+        torch.equal(crowd, _expected(refcoco, 13)) and crowd.sum() == 40 and crowd[0, :, 8:].all()
+    )
 
 
 def test_training_templates_are_seeded_per_item(refcoco: Path) -> None:
@@ -104,7 +139,9 @@ def test_training_templates_are_seeded_per_item(refcoco: Path) -> None:
     assert [(one[i].question, one[i].answer) for i in range(4)] == [
         (again[i].question, again[i].answer) for i in range(4)
     ]
-    questions = {_dataset(ReferDataset, refcoco, "train", train=True, seed=s)[1].question for s in range(12)}
+    questions = {
+        _dataset(ReferDataset, refcoco, "train", train=True, seed=s)[1].question for s in range(12)
+    }
     allowed = {t.replace("{class_name}", "the box on the left") for t in SHORT_QUESTIONS}
     assert questions <= allowed and len(questions) > 1
     assert one[0].answer in ANSWERS
@@ -118,7 +155,13 @@ def test_multi_referring_evaluation_cycles_six_five_four(refcoco: Path) -> None:
     assert second.question == "Please segment the strip 6, strip 7, strip 8, crowd 0 and crowd 1."
     assert second.answer == "{seg}, {seg}, {seg}, {seg} and {seg}."
     assert torch.equal(second.masks, _expected(refcoco, 12, 12, 12, 13, 13))
-    assert [t["description"] for t in second.meta["targets"]] == ["strip 6", "strip 7", "strip 8", "crowd 0", "crowd 1"]
+    assert [t["description"] for t in second.meta["targets"]] == [
+        "strip 6",
+        "strip 7",
+        "strip 8",
+        "crowd 0",
+        "crowd 1",
+    ]
     release = _dataset(MultiReferDataset, refcoco, "val", eval_prompt="release")
     assert release[0].question == "What is triangle in this image? Please output segmentation mask."
     assert release[0].answer == "{seg}." and torch.equal(release[0].masks, _expected(refcoco, 21))
@@ -128,8 +171,18 @@ def test_multi_referring_training_deals_disjoint_questions(refcoco: Path) -> Non
     data = _dataset(MultiReferDataset, refcoco, "train", train=True, seed=1)
     assert len(data) == 3  # image 1 has 4 sentences: 3 questions
     names = [[t["description"] for t in data[i].meta["targets"]] for i in range(3)]
-    assert sorted(sum(names, [])) == ["bottom strip", "crowd on the right", "left box", "the box on the left"]
-    ann_of = {"left box": 11, "the box on the left": 11, "bottom strip": 12, "crowd on the right": 13}
+    assert sorted(sum(names, [])) == [
+        "bottom strip",
+        "crowd on the right",
+        "left box",
+        "the box on the left",
+    ]
+    ann_of = {
+        "left box": 11,
+        "the box on the left": 11,
+        "bottom strip": 12,
+        "crowd on the right": 13,
+    }
     for i, group in enumerate(names):
         sample = data[i]
         assert 1 <= len(group) <= 3 and sample.answer.count(SEG_PLACEHOLDER) == len(group)
@@ -151,19 +204,26 @@ def test_a_malicious_refs_pickle_is_refused(refcoco: Path) -> None:
 
     path = refcoco / "refer" / "refcoco" / "refs(unc).p"
     path.write_bytes(pickle.dumps([Exploit()]))
-    with pytest.raises(ValueError, match=r"refs\(unc\).p: not a plain-data pickle: refused to load the global (posix|os)\.system"):
+    with pytest.raises(
+        ValueError,
+        match=r"refs\(unc\).p: not a plain-data pickle: refused to load the global (posix|os)\.system",
+    ):
         _dataset(ReferDataset, refcoco, "train")
     assert not marker.exists()
 
 
-def test_converted_json_is_preferred_and_equal(refcoco: Path, capsys: pytest.CaptureFixture) -> None:
+def test_converted_json_is_preferred_and_equal(
+    refcoco: Path, capsys: pytest.CaptureFixture
+) -> None:
     folder = refcoco / "refer" / "refcoco"
     convert_refs_command([str(folder / "refs(unc).p"), str(folder / "refs(unc).json")])
     assert "wrote 6 refs" in capsys.readouterr().out
     assert load_refs(folder / "refs(unc).json") == load_refs(folder / "refs(unc).p")
     (folder / "refs(unc).p").unlink()
     data = _dataset(ReferDataset, refcoco, "train")
-    assert data.refs_file.name == "refs(unc).json" and torch.equal(data[3].masks, _expected(refcoco, 13))
+    assert data.refs_file.name == "refs(unc).json" and torch.equal(
+        data[3].masks, _expected(refcoco, 13)
+    )
 
 
 def test_bad_records_name_file_index_and_field(refcoco: Path) -> None:
@@ -190,7 +250,9 @@ def test_image_problems_are_reported_with_the_record(refcoco: Path) -> None:
     instances = _instances()
     instances["images"][0]["height"] = 11
     write_json(folder / "instances.json", instances)
-    with pytest.raises(ValueError, match=r"image 1: field 'file_name': annotations are 11x12 .* is 10x12"):
+    with pytest.raises(
+        ValueError, match=r"image 1: field 'file_name': annotations are 11x12 .* is 10x12"
+    ):
         _dataset(ReferDataset, refcoco, "train")[0]
     instances["images"][0].update(height=H, file_name="../COCO_train2014_1.jpg")
     write_json(folder / "instances.json", instances)

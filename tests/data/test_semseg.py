@@ -35,15 +35,21 @@ def _label_map() -> np.ndarray:
 def ade(tmp_path: Path) -> Path:
     write_image(tmp_path / "images" / "training" / "ADE_1.jpg", H, W)
     (tmp_path / "annotations" / "training").mkdir(parents=True)
-    Image.fromarray(_label_map(), mode="L").save(tmp_path / "annotations" / "training" / "ADE_1.png")
+    Image.fromarray(_label_map(), mode="L").save(
+        tmp_path / "annotations" / "training" / "ADE_1.png"
+    )
     write_json(tmp_path / "ade20k_classes.json", ["wall", "building", "sky", "floor", "tree"])
     return tmp_path
 
 
 def _ade(root: Path, **kwargs) -> LabelMapSegDataset:
     return LabelMapSegDataset(
-        str(root / "images" / "training"), str(root / "annotations" / "training"),
-        str(root / "ade20k_classes.json"), dataset="ade20k", label_offset=-1, **kwargs,
+        str(root / "images" / "training"),
+        str(root / "annotations" / "training"),
+        str(root / "ade20k_classes.json"),
+        dataset="ade20k",
+        label_offset=-1,
+        **kwargs,
     )
 
 
@@ -65,7 +71,9 @@ def test_ade20k_one_mask_per_class_with_zero_ignored(ade: Path) -> None:
     label = _label_map()
     for name, value in (("wall", 1), ("sky", 3), ("tree", 5)):
         expected = np.where(label == 0, 255, label == value).astype(np.uint8)
-        assert masks[name].dtype == torch.uint8 and torch.equal(masks[name], torch.from_numpy(expected))
+        assert masks[name].dtype == torch.uint8 and torch.equal(
+            masks[name], torch.from_numpy(expected)
+        )
     assert masks["wall"].sum() == 255 * 8 + 16 and (masks["sky"][3:5, :4] == 1).all()
     released = _by_name(_ade(ade, ignore_in_masks=False), range(3))
     assert (released["wall"][0] == 0).all() and released["wall"].sum() == 16
@@ -79,8 +87,13 @@ def test_cocostuff_offset_and_hyphenated_classes(tmp_path: Path) -> None:
     Image.fromarray(label, mode="L").save(tmp_path / "cocostuff" / "000000000009.png")
     (tmp_path / "classes.txt").write_text("0: unlabeled\n1: person\n2: wall-other\n3: sky\n")
     data = LabelMapSegDataset(
-        str(tmp_path / "coco"), str(tmp_path / "cocostuff"), str(tmp_path / "classes.txt"),
-        dataset="cocostuff", label_offset=1, ignore_names_containing="-", max_questions=1,
+        str(tmp_path / "coco"),
+        str(tmp_path / "cocostuff"),
+        str(tmp_path / "classes.txt"),
+        dataset="cocostuff",
+        label_offset=1,
+        ignore_names_containing="-",
+        max_questions=1,
     )
     sample = data[0]
     masks = _by_name(data, [0])
@@ -97,16 +110,48 @@ def _paco() -> dict:
             {"id": 2, "file_name": "train2017/000002.jpg", "height": 10, "width": 12},
         ],
         "annotations": [
-            {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [0, 0, 3, 3], "area": 9,
-             "segmentation": compressed_rle(leg_a)},
-            {"id": 2, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [6, 5, 2, 3], "area": 6,
-             "segmentation": [[6, 5, 8, 5, 8, 8, 6, 8]]},
-            {"id": 3, "image_id": 1, "category_id": 2, "iscrowd": 1, "bbox": [10, 0, 2, 10], "area": 20,
-             "segmentation": uncompressed_rle(box_mask(10, 12, slice(None), slice(10, 12)))},
-            {"id": 4, "image_id": 1, "category_id": 3, "iscrowd": 0, "bbox": [3, 0, 2, 2], "area": 4,
-             "segmentation": [[3, 0, 5, 0, 5, 2, 3, 2]]},
+            {
+                "id": 1,
+                "image_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "bbox": [0, 0, 3, 3],
+                "area": 9,
+                "segmentation": compressed_rle(leg_a),
+            },
+            {
+                "id": 2,
+                "image_id": 1,
+                "category_id": 1,
+                "iscrowd": 0,
+                "bbox": [6, 5, 2, 3],
+                "area": 6,
+                "segmentation": [[6, 5, 8, 5, 8, 8, 6, 8]],
+            },
+            {
+                "id": 3,
+                "image_id": 1,
+                "category_id": 2,
+                "iscrowd": 1,
+                "bbox": [10, 0, 2, 10],
+                "area": 20,
+                "segmentation": uncompressed_rle(box_mask(10, 12, slice(None), slice(10, 12))),
+            },
+            {
+                "id": 4,
+                "image_id": 1,
+                "category_id": 3,
+                "iscrowd": 0,
+                "bbox": [3, 0, 2, 2],
+                "area": 4,
+                "segmentation": [[3, 0, 5, 0, 5, 2, 3, 2]],
+            },
         ],
-        "categories": [{"id": 1, "name": "dog:leg"}, {"id": 2, "name": "trash_can_(bin)"}, {"id": 3, "name": "dog:head"}],
+        "categories": [
+            {"id": 1, "name": "dog:leg"},
+            {"id": 2, "name": "trash_can_(bin)"},
+            {"id": 3, "name": "dog:head"},
+        ],
     }
 
 
@@ -130,17 +175,28 @@ def test_paco_category_masks_are_unions_equal_to_pycocotools(paco: Path) -> None
     masks = dict(zip(names, sample.masks, strict=True))
     union = pycocotools_mask(json_path, 1) | pycocotools_mask(json_path, 2)
     assert torch.equal(masks[leg], torch.from_numpy(union)) and masks[leg].sum() == 9 + 6
-    assert torch.equal(masks["trash can"], torch.from_numpy(pycocotools_mask(json_path, 3)))  # crowd RLE
+    assert torch.equal(
+        masks["trash can"], torch.from_numpy(pycocotools_mask(json_path, 3))
+    )  # crowd RLE
     assert masks["trash can"].sum() == 20 and sample.meta["file_name"] == "train2017/000001.jpg"
     names_by_seed = {
-        next(t["description"] for t in CocoPartSegDataset(str(json_path), str(paco / "coco"), max_questions=1, seed=s)[0].meta["targets"] if "head" in t["description"])
+        next(
+            t["description"]
+            for t in CocoPartSegDataset(
+                str(json_path), str(paco / "coco"), max_questions=1, seed=s
+            )[0].meta["targets"]
+            if "head" in t["description"]
+        )
         for s in range(8)
     }
     assert names_by_seed == {"dog head", "the head of the dog"}
 
 
 def test_category_names_and_bad_records(paco: Path) -> None:
-    assert category_name("trash_can_(bin)") == "trash can" and category_name("cat:ear") == ("cat", "ear")
+    assert category_name("trash_can_(bin)") == "trash can" and category_name("cat:ear") == (
+        "cat",
+        "ear",
+    )
     broken = _paco()
     broken["annotations"][3]["category_id"] = 9
     write_json(paco / "bad.json", broken)
@@ -151,7 +207,9 @@ def test_category_names_and_bad_records(paco: Path) -> None:
     write_json(paco / "bad.json", broken)
     with pytest.warns(UserWarning):
         data = CocoPartSegDataset(str(paco / "bad.json"), str(paco / "coco"))
-    with pytest.raises(ValueError, match=r"bad.json: image 1: field 'file_name': annotations are 10x13"):
+    with pytest.raises(
+        ValueError, match=r"bad.json: image 1: field 'file_name': annotations are 10x13"
+    ):
         data[0]
 
 

@@ -17,16 +17,32 @@ def _turn(role: str, value: str) -> dict:
 
 def _records() -> list[dict]:
     return [
-        {"id": "000000000001", "image": "000000000001.jpg", "conversations": [
-            _turn("human", "<image>\nWhat colour is the bus?"), _turn("gpt", "The bus is red."),
-            _turn("human", "Where is it going?"), _turn("gpt", "It drives to the station."),
-        ]},
-        {"id": "000000000002", "image": "000000000002.jpg", "conversations": [
-            _turn("human", "Describe the scene.\n<image>"), _turn("gpt", "A dog sleeps on a sofa."),
-        ]},
-        {"id": "000000000003", "image": "000000000002.jpg", "conversations": [
-            _turn("human", "<image>\nWhat is shown?"), _turn("gpt", "A template {seg} string."),
-        ]},
+        {
+            "id": "000000000001",
+            "image": "000000000001.jpg",
+            "conversations": [
+                _turn("human", "<image>\nWhat colour is the bus?"),
+                _turn("gpt", "The bus is red."),
+                _turn("human", "Where is it going?"),
+                _turn("gpt", "It drives to the station."),
+            ],
+        },
+        {
+            "id": "000000000002",
+            "image": "000000000002.jpg",
+            "conversations": [
+                _turn("human", "Describe the scene.\n<image>"),
+                _turn("gpt", "A dog sleeps on a sofa."),
+            ],
+        },
+        {
+            "id": "000000000003",
+            "image": "000000000002.jpg",
+            "conversations": [
+                _turn("human", "<image>\nWhat is shown?"),
+                _turn("gpt", "A template {seg} string."),
+            ],
+        },
     ]
 
 
@@ -60,7 +76,10 @@ def test_bad_records_name_file_record_and_field(llava: Path) -> None:
     records = _records()
     records[1]["conversations"][1]["from"] = "human"
     write_json(llava, records)
-    with pytest.raises(ValueError, match=r"llava_instruct_150k.json: record 1: field 'conversations\[1\]'.from: expected 'gpt', got 'human'"):
+    with pytest.raises(
+        ValueError,
+        match=r"llava_instruct_150k.json: record 1: field 'conversations\[1\]'.from: expected 'gpt', got 'human'",
+    ):
         _dataset(llava)
     records = _records()
     del records[0]["image"]
@@ -70,7 +89,9 @@ def test_bad_records_name_file_record_and_field(llava: Path) -> None:
     records = _records()
     records[1]["conversations"].pop()
     write_json(llava, records)
-    with pytest.raises(ValueError, match=r"record 1: field 'conversations': expected a non-empty list"):
+    with pytest.raises(
+        ValueError, match=r"record 1: field 'conversations': expected a non-empty list"
+    ):
         _dataset(llava)
     records = _records()[:2]
     records[1]["image"] = "../../etc/passwd"

@@ -13,7 +13,10 @@ from pycocotools.coco import COCO
 from pixellm.data.loading import read_json
 from pixellm.data.muse import decode_segmentation
 
-REQUIRED_KEYS = {"images": ("id", "file_name", "height", "width"), "annotations": ("id", "image_id", "segmentation")}
+REQUIRED_KEYS = {
+    "images": ("id", "file_name", "height", "width"),
+    "annotations": ("id", "image_id", "segmentation"),
+}
 
 
 def load_coco(path: str | Path) -> COCO:
@@ -51,7 +54,11 @@ def annotation_mask(annotation: dict[str, Any], height: int, width: int, where: 
     """
     segmentation = annotation["segmentation"]
     try:
-        if isinstance(segmentation, list) and segmentation and all(isinstance(s, dict) for s in segmentation):
+        if (
+            isinstance(segmentation, list)
+            and segmentation
+            and all(isinstance(s, dict) for s in segmentation)
+        ):
             parts = [decode_segmentation(s, height, width) for s in segmentation]  # several RLEs
             return np.bitwise_or.reduce(parts, axis=0)
         return decode_segmentation(segmentation, height, width)

@@ -48,7 +48,9 @@ def _polygon(shape: Any, where: str) -> tuple[str, np.ndarray]:
     except (TypeError, ValueError):
         vertices = np.empty((0,))
     if vertices.ndim != 2 or vertices.shape[0] < 1 or vertices.shape[1] != 2:
-        raise ValueError(f"{where}: field 'points': expected a list of [x, y] pairs, got {points!r}")
+        raise ValueError(
+            f"{where}: field 'points': expected a list of [x, y] pairs, got {points!r}"
+        )
     return shape["label"].lower(), vertices.astype(np.int32)[None]  # truncated as LISA's int32 cast
 
 
@@ -100,7 +102,9 @@ class ReasonSegDataset(Dataset[Sample]):
         self.names = sorted(p.name for p in self.folder.glob("*.jpg"))
         if not self.names:
             raise FileNotFoundError(f"{self.folder}: no .jpg images")
-        self.records = [self._read(self.folder / Path(n).with_suffix(".json").name) for n in self.names]
+        self.records = [
+            self._read(self.folder / Path(n).with_suffix(".json").name) for n in self.names
+        ]
         self.items = [
             (image, query)
             for image, record in enumerate(self.records)
@@ -133,7 +137,11 @@ class ReasonSegDataset(Dataset[Sample]):
         text = record["text"][query].strip()
         if self.train:
             rng = seeded_rng(self.seed, index)
-            question, answer = sentence_prompt(text, rng) if record["is_sentence"] else training_prompt([text], rng)
+            question, answer = (
+                sentence_prompt(text, rng)
+                if record["is_sentence"]
+                else training_prompt([text], rng)
+            )
         else:
             template = EVAL_SENTENCE_QUESTION if record["is_sentence"] else EVAL_QUESTION
             question, answer = eval_prompt([text], template)
@@ -148,4 +156,10 @@ class ReasonSegDataset(Dataset[Sample]):
             "is_sentence": record["is_sentence"],
             "targets": [target_description({"rephrased_name": text}, mask == 1)],
         }
-        return Sample(image=image, question=question, answer=answer, masks=torch.from_numpy(mask[None]), meta=meta)
+        return Sample(
+            image=image,
+            question=question,
+            answer=answer,
+            masks=torch.from_numpy(mask[None]),
+            meta=meta,
+        )

@@ -16,6 +16,7 @@ ref's annotation, decoded with pycocotools; every random choice comes from ``(se
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,7 +49,7 @@ def refs_path(root: Path, dataset: str, split_by: str) -> Path:
     return converted if converted.is_file() else root / dataset / f"refs({split_by}).p"
 
 
-class ReferDatasetBase(Dataset[Sample]):
+class ReferDatasetBase(Dataset[Sample], ABC):
     """The refs of one split, indexed by image; the datasets below choose what an item is.
 
     Args:
@@ -100,30 +101,43 @@ class ReferDatasetBase(Dataset[Sample]):
             raise ValueError(f"{self.refs_file}: no ref of split {split!r}")
         self.items = self.build_items()
 
+    @abstractmethod
     def build_items(self) -> list[Any]:
         """What each index of the dataset stands for."""
-        raise NotImplementedError
 
     def __len__(self) -> int:
         return len(self.items)
 
     def sentence(self, ref_index: int, sent_index: int) -> str:
+        """Sentence ``sent_index`` of ref ``ref_index``, stripped and lower-cased."""
         return self.refs[ref_index]["sentences"][sent_index]["sent"].strip().lower()
 
     def _sample(
-        self, image_id: int, sentences: list[tuple[int, int]], question: str, answer: str, meta: dict[str, Any]
+        self,
+        image_id: int,
+        sentences: list[tuple[int, int]],
+        question: str,
+        answer: str,
+        meta: dict[str, Any],
     ) -> Sample:
         """The sample whose targets are the refs of ``sentences`` (ref index, sentence index)."""
         info = self.coco.imgs[image_id]
         height, width = int(info["height"]), int(info["width"])
         where = f"{self.refs_file}: image {image_id}"
-        image = open_image(self.image_root, info["file_name"], f"{where}: field 'file_name'", (height, width))
+        image = open_image(
+            self.image_root, info["file_name"], f"{where}: field 'file_name'", (height, width)
+        )
         masks, targets = [], []
         for ref_index, sent_index in sentences:
             ann = self.coco.anns[self.refs[ref_index]["ann_id"]]
-            mask = annotation_mask(ann, height, width, f"{where}: ref {ref_index}: annotation {ann['id']}")
+            mask = annotation_mask(
+                ann, height, width, f"{where}: ref {ref_index}: annotation {ann['id']}"
+            )
             masks.append(mask)
-            description = {"rephrased_name": self.sentence(ref_index, sent_index), "bbox": ann.get("bbox")}
+            description = {
+                "rephrased_name": self.sentence(ref_index, sent_index),
+                "bbox": ann.get("bbox"),
+            }
             targets.append(target_description(description, mask))
         meta.update(
             dataset=self.dataset,
@@ -133,7 +147,13 @@ class ReferDatasetBase(Dataset[Sample]):
             ref_ids=[self.refs[r]["ref_id"] for r, _ in sentences],
             targets=targets,
         )
-        return Sample(image=image, question=question, answer=answer, masks=torch.from_numpy(np.stack(masks)), meta=meta)
+        return Sample(
+            image=image,
+            question=question,
+            answer=answer,
+            masks=torch.from_numpy(np.stack(masks)),
+            meta=meta,
+        )
 
 
 class ReferDataset(ReferDatasetBase):
@@ -158,7 +178,9 @@ class ReferDataset(ReferDatasetBase):
         else:
             question, answer = eval_prompt([sentence])
         meta = {"record_index": ref_index, "question_index": sent_index}
-        return self._sample(self.refs[ref_index]["image_id"], [(ref_index, sent_index)], question, answer, meta)
+        return self._sample(
+            self.refs[ref_index]["image_id"], [(ref_index, sent_index)], question, answer, meta
+        )
 
 
 class MultiReferDataset(ReferDatasetBase):
@@ -230,7 +252,10 @@ class MultiReferDataset(ReferDatasetBase):
         sentences = self.image_sentences[image_id]
         if self.train:
             groups = group_targets(
-                len(sentences), self.max_questions, self.max_targets, seeded_rng(self.seed, position)
+                len(sentences),
+                self.max_questions,
+                self.max_targets,
+                seeded_rng(self.seed, position),
             )
             chosen = [sentences[i] for i in groups[choice]]
             names = [self.sentence(*pair) for pair in chosen]

@@ -27,8 +27,18 @@ LONG_QUESTIONS = (
     "{sent} Please respond with segmentation mask.",
     "{sent} Please output segmentation mask.",
 )
-ANSWERS = ("It is {seg}.", "Sure, {seg}.", "Sure, it is {seg}.", "Sure, the segmentation result is {seg}.", "{seg}.")
-SINGLE_ANSWERS = ("{class_name} is {seg}.", "The segmentation result of {class_name} is {seg}.", "{seg}.")
+ANSWERS = (
+    "It is {seg}.",
+    "Sure, {seg}.",
+    "Sure, it is {seg}.",
+    "Sure, the segmentation result is {seg}.",
+    "{seg}.",
+)
+SINGLE_ANSWERS = (
+    "{class_name} is {seg}.",
+    "The segmentation result of {class_name} is {seg}.",
+    "{seg}.",
+)
 MULTI_ANSWERS = (
     "{class_name} are {segs}, separately.",
     "{class_name} are {segs}.",
@@ -43,7 +53,9 @@ MULTI_ANSWERS = (
     "{segs}.",
 )
 EVAL_QUESTION = "What is {class_name} in this image? Please output segmentation mask."  # release
-EVAL_SENTENCE_QUESTION = "{class_name} Please output segmentation mask."  # release; the phrase is a sentence
+EVAL_SENTENCE_QUESTION = (
+    "{class_name} Please output segmentation mask."  # release; the phrase is a sentence
+)
 PAPER_MULTI_QUESTION = "Please segment the {class_name}."  # Sec. 5.1, multi-referring
 
 
@@ -87,7 +99,11 @@ def group_targets(
     groups: list[list[int]] = [[] for _ in range(min(max_questions, len(drawn)))]
     for candidate in drawn:
         sizes = np.array([len(g) for g in groups])
-        open_groups = np.flatnonzero(sizes == 0) if (sizes == 0).any() else np.flatnonzero(sizes < max_targets)
+        open_groups = (
+            np.flatnonzero(sizes == 0)
+            if (sizes == 0).any()
+            else np.flatnonzero(sizes < max_targets)
+        )
         groups[int(rng.choice(open_groups))].append(candidate)
     return groups
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +57,7 @@ def spoken_name(name: ClassName, rng: np.random.Generator) -> str:
     return f"{obj} {part}" if rng.random() < 0.5 else f"the {part} of the {obj}"
 
 
-class SemanticSegDataset(Dataset[Sample]):
+class SemanticSegDataset(Dataset[Sample], ABC):
     """Multi-class questions over images with dense class labels; subclasses read the files.
 
     Items are (image, question slot) for ``max_questions`` slots per image; the deal of classes
@@ -72,7 +73,12 @@ class SemanticSegDataset(Dataset[Sample]):
     """
 
     def __init__(
-        self, dataset: str, max_questions: int = 3, max_targets: int = 3, seed: int = 0, ignore_in_masks: bool = True
+        self,
+        dataset: str,
+        max_questions: int = 3,
+        max_targets: int = 3,
+        seed: int = 0,
+        ignore_in_masks: bool = True,
     ) -> None:
         if min(max_questions, max_targets) < 1:
             raise ValueError("max_questions and max_targets must be >= 1")
@@ -81,12 +87,13 @@ class SemanticSegDataset(Dataset[Sample]):
         self.seed = seed
         self.ignore_in_masks = ignore_in_masks
 
+    @abstractmethod
     def num_images(self) -> int:
-        raise NotImplementedError
+        """How many images the dataset holds."""
 
+    @abstractmethod
     def candidates(self, position: int) -> Candidates:
         """The image at ``position`` and its classes."""
-        raise NotImplementedError
 
     def __len__(self) -> int:
         return self.num_images() * self.max_questions
@@ -95,12 +102,16 @@ class SemanticSegDataset(Dataset[Sample]):
         position, slot = divmod(index, self.max_questions)
         found, tried = self.candidates(position), 1
         while not found.names and tried < self.num_images():  # as released: take another image
-            warnings.warn(f"{found.meta['json']}: no labelled class; the next image is used", stacklevel=2)
+            warnings.warn(
+                f"{found.meta['json']}: no labelled class; the next image is used", stacklevel=2
+            )
             position, tried = (position + 1) % self.num_images(), tried + 1
             found = self.candidates(position)
         if not found.names:
             raise ValueError(f"{self.dataset}: no image has a labelled class")
-        groups = group_targets(len(found.names), self.max_questions, self.max_targets, seeded_rng(self.seed, position))
+        groups = group_targets(
+            len(found.names), self.max_questions, self.max_targets, seeded_rng(self.seed, position)
+        )
         chosen = groups[slot % len(groups)]
         rng = seeded_rng(self.seed, position, slot + 1)
         names = [spoken_name(found.names[i], rng) for i in chosen]
@@ -113,7 +124,10 @@ class SemanticSegDataset(Dataset[Sample]):
             "record_index": position,
             "question_index": slot,
             **found.meta,
-            "targets": [target_description({"rephrased_name": n}, m == 1) for n, m in zip(names, masks, strict=True)],
+            "targets": [
+                target_description({"rephrased_name": n}, m == 1)
+                for n, m in zip(names, masks, strict=True)
+            ],
         }
         return Sample(found.image, question, answer, torch.from_numpy(np.stack(masks)), meta)
 
@@ -170,7 +184,9 @@ class LabelMapSegDataset(SemanticSegDataset):
         self.class_names: dict[int, str] = {}  # pixel value -> name, for the usable classes
         for value in range(IGNORE_VALUE):
             position = value + label_offset
-            if 0 <= position < len(names) and not (ignore_names_containing and ignore_names_containing in names[position]):
+            if 0 <= position < len(names) and not (
+                ignore_names_containing and ignore_names_containing in names[position]
+            ):
                 self.class_names[value] = names[position]
         self.label_files = sorted(p.name for p in self.label_root.glob("*.png"))
         if not self.label_files:
@@ -185,7 +201,9 @@ class LabelMapSegDataset(SemanticSegDataset):
         with Image.open(label_path) as label_image:
             label = np.array(label_image)
         if label.ndim != 2:
-            raise ValueError(f"{label_path}: expected a single-channel label map, got shape {label.shape}")
+            raise ValueError(
+                f"{label_path}: expected a single-channel label map, got shape {label.shape}"
+            )
         image_name = Path(self.label_files[position]).stem + self.image_suffix
         image = open_image(self.image_root, image_name, f"{label_path}: image", label.shape)
         values = [int(v) for v in np.unique(label) if int(v) in self.class_names]
@@ -234,7 +252,9 @@ class CocoPartSegDataset(SemanticSegDataset):
         self.annotation_file = Path(annotation_file)
         self.image_root, self.image_prefix = Path(image_root), image_prefix
         self.coco = load_coco(self.annotation_file)
-        self.names = {c["id"]: category_name(str(c["name"])) for c in self.coco.dataset["categories"]}
+        self.names = {
+            c["id"]: category_name(str(c["name"])) for c in self.coco.dataset["categories"]
+        }
         for ann in self.coco.dataset["annotations"]:
             if ann.get("category_id") not in self.names:
                 raise ValueError(
@@ -244,7 +264,10 @@ class CocoPartSegDataset(SemanticSegDataset):
         self.image_ids = [i for i in self.coco.getImgIds() if self.coco.imgToAnns[i]]
         skipped = len(self.coco.imgs) - len(self.image_ids)
         if skipped:
-            warnings.warn(f"{self.annotation_file}: {skipped} images without annotations left out", stacklevel=2)
+            warnings.warn(
+                f"{self.annotation_file}: {skipped} images without annotations left out",
+                stacklevel=2,
+            )
 
     def num_images(self) -> int:
         return len(self.image_ids)
@@ -254,15 +277,25 @@ class CocoPartSegDataset(SemanticSegDataset):
         height, width = int(info["height"]), int(info["width"])
         where = f"{self.annotation_file}: image {info['id']}"
         relative = self.image_prefix + info["file_name"]
-        image = open_image(self.image_root, relative, f"{where}: field 'file_name'", (height, width))
+        image = open_image(
+            self.image_root, relative, f"{where}: field 'file_name'", (height, width)
+        )
         by_category: dict[int, list[dict[str, Any]]] = {}
         for ann in self.coco.imgToAnns[info["id"]]:
             by_category.setdefault(ann["category_id"], []).append(ann)
         categories = list(by_category)
 
         def mask(i: int) -> np.ndarray:
-            parts = [annotation_mask(a, height, width, f"{where}: annotation {a['id']}") for a in by_category[categories[i]]]
+            parts = [
+                annotation_mask(a, height, width, f"{where}: annotation {a['id']}")
+                for a in by_category[categories[i]]
+            ]
             return np.bitwise_or.reduce(parts, axis=0)
 
-        meta = {"json": str(self.annotation_file), "file_name": relative, "image_id": info["id"], "category_ids": categories}
+        meta = {
+            "json": str(self.annotation_file),
+            "file_name": relative,
+            "image_id": info["id"],
+            "category_ids": categories,
+        }
         return Candidates(image, [self.names[c] for c in categories], mask, meta)

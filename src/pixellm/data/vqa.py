@@ -56,7 +56,9 @@ class VQADataset(Dataset[Sample]):
             naming the file, record index and field.
     """
 
-    def __init__(self, json_path: str, image_root: str, dataset: str = "llava_instruct_150k") -> None:
+    def __init__(
+        self, json_path: str, image_root: str, dataset: str = "llava_instruct_150k"
+    ) -> None:
         self.json_path = Path(json_path)
         self.image_root = Path(image_root)
         self.dataset = dataset
@@ -72,12 +74,19 @@ class VQADataset(Dataset[Sample]):
                 raise ValueError(f"{where} 'image': expected a string")
             turns = record.get("conversations")
             if not isinstance(turns, list) or not turns or len(turns) % 2:
-                raise ValueError(f"{where} 'conversations': expected a non-empty list of human/gpt pairs")
-            texts = [_turn_text(t, ROLES[i % 2], f"{where} 'conversations[{i}]'") for i, t in enumerate(turns)]
+                raise ValueError(
+                    f"{where} 'conversations': expected a non-empty list of human/gpt pairs"
+                )
+            texts = [
+                _turn_text(t, ROLES[i % 2], f"{where} 'conversations[{i}]'")
+                for i, t in enumerate(turns)
+            ]
             if any(SEG_PLACEHOLDER in t for t in texts):
                 self.num_skipped += 1
                 continue
-            self.items.append((index, record["image"], list(zip(texts[::2], texts[1::2], strict=True))))
+            self.items.append(
+                (index, record["image"], list(zip(texts[::2], texts[1::2], strict=True)))
+            )
         if self.num_skipped:
             warnings.warn(
                 f"{self.json_path}: {self.num_skipped} of {len(records)} records hold the literal "
