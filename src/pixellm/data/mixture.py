@@ -1,0 +1,229 @@
+"""The training mixture: datasets sampled by ratio, a fixed number of samples per epoch, named
+evaluation sets.
+
+The release trains on four groups drawn with rates sem_seg 2 : refer_seg 9 : vqa 2 : MUSE 4 (see
+REFERENCE.md), each group choosing one of its datasets uniformly (refCOCO, refCOCO+, ... ), then one
+item uniformly, for 500 steps x 2 x 10 accumulation x 8 GPUs = 80,000 samples per epoch. Here a
+group is a ``MixtureGroup`` whose datasets carry sub-ratios (1 each reproduces the release), and the
+order of an epoch is a pure function of ``(seed, epoch)``: it is drawn in the main process by
+``MixtureSampler``, so it does not depend on the number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+
+from pixellm.data.datamodule import SampleDataModule
+from pixellm.data.preprocess import DEFAULT_PIXEL_MEAN, DEFAULT_PIXEL_STD
+from pixellm.data.splits import EvalMode, EvalSplit
+
+
+@dataclass
+class MixtureSource:
+    """One dataset of a group.
+
+    Attributes:
+        dataset: Any ``Dataset`` of ``pixellm.data.sample.Sample`` (``class_path`` in YAML).
+        ratio: Its share within the group, relative to the other datasets of the group.
+    """
+
+    dataset: Dataset
+    ratio: float = 1.0
+
+
+@dataclass
+class MixtureGroup:
+    """A group of datasets drawn with one rate (release: sem_seg, refer_seg, vqa, MUSE).
+
+    Attributes:
+        name: The group's name (in error messages and ``MixtureDataModule.probabilities``).
+        ratio: Its share of the mixture, relative to the other groups.
+        datasets: Its datasets with their sub-ratios.
+    """
+
+    name: str
+    ratio: float
+    datasets: list[MixtureSource] = field(default_factory=list)
+
+
+@dataclass
+class EvalSet:
+    """One named evaluation dataset.
+
+    Attributes:
+        name: Its name in logs and result tables ("val", "testA", "test_less", ...).
+        dataset: Any ``Dataset`` of ``Sample``.
+        mode: "teacher_forced" or "generate" (see ``pixellm.data.splits.EvalSplit``).
+    """
+
+    name: str
+    dataset: Dataset
+    mode: EvalMode = "teacher_forced"
+
+
+def source_probabilities(groups: list[MixtureGroup]) -> list[float]:
+    """P(dataset) of every source in group order: group share times share within the group.
+
+    Raises:
+        ValueError: On a negative ratio, a group without datasets or with ratios summing to 0,
+            an empty dataset that would be drawn, or all ratios 0 (names the group and source).
+    """
+    if not groups:
+        raise ValueError("the training mixture needs at least one group")
+    total = sum(g.ratio for g in groups)
+    if total <= 0:
+        raise ValueError(f"the mixture's group ratios sum to {total}; at least one must be above 0")
+    probabilities = []
+    for g in groups:
+        sub_total = sum(s.ratio for s in g.datasets)
+        if g.ratio < 0 or any(s.ratio < 0 for s in g.datasets) or not g.datasets or sub_total <= 0:
+            raise ValueError(
+                f"mixture group {g.name!r}: needs ratio >= 0 and datasets with ratios >= 0 summing "
+                f"above 0, got ratio {g.ratio} and {[s.ratio for s in g.datasets]}"
+            )
+        for i, s in enumerate(g.datasets):
+            p = g.ratio / total * s.ratio / sub_total
+            if p > 0 and len(s.dataset) == 0:
+                raise ValueError(f"mixture group {g.name!r}: dataset {i} ({type(s.dataset).__name__}) is empty")
+            probabilities.append(p)
+    return probabilities
+
+
+class MixtureSampler(Sampler[int]):
+    """Indices into the concatenation of datasets: a dataset drawn by probability, then one of its
+    items uniformly, ``num_samples`` times per epoch, from ``numpy.random.default_rng([seed,
+    epoch])``.
+
+    ``set_epoch`` (Lightning calls it every epoch) picks the epoch; without it each pass over
+    the sampler moves on to the next epoch (so a distributed wrapper still gets new epochs).
+
+    Args:
+        sizes: Length of each dataset, in concatenation order.
+        probabilities: Probability of each dataset (summing to 1).
+        num_samples: Indices per epoch.
+        seed: Seed of the order.
+    """
+
+    def __init__(self, sizes: list[int], probabilities: list[float], num_samples: int, seed: int) -> None:
+        if len(sizes) != len(probabilities) or num_samples < 1:
+            raise ValueError(
+                f"need one probability per dataset and num_samples >= 1, got {len(sizes)} sizes, "
+                f"{len(probabilities)} probabilities, num_samples={num_samples}"
+            )
+        self.sizes = np.asarray(sizes, dtype=np.int64)
+        self.probabilities = np.asarray(probabilities, dtype=np.float64) / sum(probabilities)
+        self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
+        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw the order of ``epoch`` on the next pass."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        self.epoch += 1
+        which = rng.choice(len(self.sizes), size=self.num_samples, p=self.probabilities)  # (n,)
+        within = (rng.random(self.num_samples) * self.sizes[which]).astype(np.int64)  # (n,)
+        return iter((self.offsets[which] + within).tolist())
+
+
+class MixtureDataModule(SampleDataModule):
+    """Training on a ratio-sampled mixture of datasets; validation/test on named evaluation sets.
+
+    Args:
+        train: The groups of training datasets with their ratios.
+        samples_per_epoch: Training samples (questions) per epoch over all devices (release:
+            500 steps x 2 per GPU x 10 accumulation x 8 GPUs = 80,000).
+        val: Evaluation sets of ``pixellm validate`` and of validation during ``fit`` (one
+            dataloader each, in order); the first is also ``pixellm predict``'s.
+        test: Evaluation sets of ``pixellm test``.
+        Other arguments: as ``SampleDataModule``.
+    """
+
+    def __init__(
+        self,
+        train: list[MixtureGroup],
+        tokenizer: str,
+        samples_per_epoch: int = 80_000,
+        val: list[EvalSet] | None = None,
+        test: list[EvalSet] | None = None,
+        num_scales: int = 2,
+        tokens_per_scale: int = 3,
+        image_size: int = 448,
+        pixel_mean: tuple[float, float, float] = DEFAULT_PIXEL_MEAN,
+        pixel_std: tuple[float, float, float] = DEFAULT_PIXEL_STD,
+        template: str = "llava_v1",
+        max_length: int = 512,
+        image_length: int = 1,
+        batch_size: int = 2,
+        val_batch_size: int | None = None,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(
+            tokenizer=tokenizer,
+            num_scales=num_scales,
+            tokens_per_scale=tokens_per_scale,
+            image_size=image_size,
+            pixel_mean=pixel_mean,
+            pixel_std=pixel_std,
+            template=template,
+            max_length=max_length,
+            image_length=image_length,
+            batch_size=batch_size,
+            val_batch_size=val_batch_size,
+            num_workers=num_workers,
+            pin_memory=pin_memory,
+            seed=seed,
+        )
+        self.save_hyperparameters(ignore=["train", "val", "test"])  # datasets are not hyper-parameters
+        self.groups = list(train)
+        self.probabilities = source_probabilities(self.groups)
+        sources = [s.dataset for g in self.groups for s in g.datasets]
+        self.train_set = ConcatDataset(sources)
+        self.sampler = MixtureSampler([len(d) for d in sources], self.probabilities, samples_per_epoch, seed)
+        self.eval_sets = {"val": list(val or []), "test": list(test or [])}
+        for stage, sets in self.eval_sets.items():
+            names = [s.name for s in sets]
+            if len(set(names)) != len(names):
+                raise ValueError(f"the {stage} sets need distinct names, got {names}")
+
+    def eval_splits(self, stage: str) -> list[EvalSplit]:
+        """One split per dataloader of ``stage`` ("val" or "test"), in dataloader order."""
+        return [EvalSplit(s.name, s.mode) for s in self.eval_sets[stage]]
+
+    def train_dataloader(self) -> DataLoader:
+        """``samples_per_epoch`` teacher-forced samples drawn by ``MixtureSampler``."""
+        return self.loader(self.train_set, self.batch_size, "train", sampler=self.sampler)
+
+    def _eval_loaders(self, stage: str) -> list[DataLoader]:
+        return [
+            self.loader(s.dataset, self.val_batch_size, split.collate_mode)
+            for s, split in zip(self.eval_sets[stage], self.eval_splits(stage), strict=True)
+        ]
+
+    def val_dataloader(self) -> list[DataLoader]:
+        """One loader per val set, in order, collated for its evaluation mode."""
+        return self._eval_loaders("val")
+
+    def test_dataloader(self) -> list[DataLoader]:
+        """One loader per test set, in order, collated for its evaluation mode."""
+        return self._eval_loaders("test")
+
+    def predict_dataloader(self) -> DataLoader:
+        """The first val set in generate mode: prompts only, left-padded, no labels.
+
+        Raises:
+            ValueError: If no val set is configured.
+        """
+        if not self.eval_sets["val"]:
+            raise ValueError("`pixellm predict` with MixtureDataModule needs data.init_args.val")
+        return self.loader(self.eval_sets["val"][0].dataset, self.val_batch_size, "generate")
