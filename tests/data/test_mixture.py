@@ -150,9 +150,43 @@ def test_eval_sets_are_named_and_collated_by_mode(shapes_dir: Path) -> None:
         _module(shapes_dir, test=[EvalSet("a", Chat()), EvalSet("a", Chat())])
 
 
-def test_a_mixture_batch_trains_the_tiny_model(shapes_dir: Path, build, tiny_config: Path) -> None:
-    model, _ = build(tiny_config)
-    dm = _module(shapes_dir, seed=1, samples_per_epoch=8, batch_size=8)
+MIXTURE_YAML = """
+class_path: pixellm.data.mixture.MixtureDataModule
+init_args:
+  tokenizer: shapes
+  image_size: 32
+  template: plain
+  batch_size: 4
+  samples_per_epoch: 16
+  seed: 1
+  train:
+    - name: muse
+      ratio: 4
+      datasets:
+        - dataset:
+            class_path: pixellm.data.muse.MuseDataset
+            init_args: {{json_path: {root}/muse_train.json, image_root: {root}/images}}
+    - name: vqa
+      ratio: 2
+      datasets:
+        - dataset: {{class_path: {chat}}}
+  val:
+    - name: val
+      dataset:
+        class_path: pixellm.data.muse.MuseDataset
+        init_args: {{json_path: {root}/muse_val.json, image_root: {root}/images}}
+"""
+
+
+def test_a_mixture_from_yaml_trains_the_tiny_model(
+    shapes_dir: Path, build, tiny_config: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # Chat by class_path
+    config = tmp_path / "mixture.yaml"
+    config.write_text(MIXTURE_YAML.format(root=shapes_dir, chat=f"{Chat.__module__}.Chat"))
+    model, dm = build(tiny_config, f"--data={config}")
+    assert isinstance(dm, MixtureDataModule) and [g.name for g in dm.groups] == ["muse", "vqa"]
+    assert np.allclose(dm.probabilities, [4 / 6, 2 / 6]) and dm.eval_splits("val")[0].name == "val"
     batch = next(iter(dm.train_dataloader()))
     kinds = Counter(m.get("dataset") for m in batch["meta"])
     assert kinds["chat"] > 0 and kinds["muse"] > 0  # both a K=0 chat item and MUSE items
@@ -167,5 +201,5 @@ def test_a_mixture_batch_trains_the_tiny_model(shapes_dir: Path, build, tiny_con
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
