@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning import LightningDataModule
@@ -128,11 +129,10 @@ class MuseDataModule(SampleDataModule):
         val_json: MUSE JSON of the validation split (also used for prediction).
         image_root: Where images are found (see ``MuseDataset``): one folder, a list of folders,
             or a mapping from COCO split (``train2014``, ``train2017``, ``val2017``) to folder.
-        tokenizer: ``"shapes"`` or a local tokenizer directory (see ``load_tokenizer``).
         test_json: MUSE JSON of the test split for ``pixellm test`` (e.g. ``muse_test_less.json``).
         eval_mode: How val and test are evaluated: "teacher_forced" or "generate" (see
             ``EvalSplit``).
-        Other arguments: as ``SampleDataModule``.
+        kwargs: The arguments of ``SampleDataModule`` (``tokenizer``, ``image_size``, ...).
     """
 
     def __init__(
@@ -140,39 +140,11 @@ class MuseDataModule(SampleDataModule):
         train_json: str,
         val_json: str,
         image_root: ImageRoot,
-        tokenizer: str,
         test_json: str | None = None,
-        num_scales: int = 2,
-        tokens_per_scale: int = 3,
-        image_size: int = 448,
-        pixel_mean: tuple[float, float, float] = DEFAULT_PIXEL_MEAN,
-        pixel_std: tuple[float, float, float] = DEFAULT_PIXEL_STD,
-        template: str = "llava_v1",
-        max_length: int = 512,
-        image_length: int = 1,
-        batch_size: int = 2,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        seed: int = 0,
         eval_mode: EvalMode = "teacher_forced",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            tokenizer=tokenizer,
-            num_scales=num_scales,
-            tokens_per_scale=tokens_per_scale,
-            image_size=image_size,
-            pixel_mean=pixel_mean,
-            pixel_std=pixel_std,
-            template=template,
-            max_length=max_length,
-            image_length=image_length,
-            batch_size=batch_size,
-            val_batch_size=val_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            seed=seed,
-        )
+        super().__init__(**kwargs)
         self.save_hyperparameters()
         self.train_json, self.val_json, self.image_root = train_json, val_json, image_root
         self.test_json = test_json

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from pixellm.data.datamodule import SampleDataModule
-from pixellm.data.preprocess import DEFAULT_PIXEL_MEAN, DEFAULT_PIXEL_STD
 from pixellm.data.splits import EvalMode, EvalSplit
 
 
@@ -144,52 +144,24 @@ class MixtureDataModule(SampleDataModule):
         val: Evaluation sets of ``pixellm validate`` and of validation during ``fit`` (one
             dataloader each, in order); the first is also ``pixellm predict``'s.
         test: Evaluation sets of ``pixellm test``.
-        Other arguments: as ``SampleDataModule``.
+        kwargs: The arguments of ``SampleDataModule`` (``tokenizer``, ``image_size``, ...).
     """
 
     def __init__(
         self,
         train: list[MixtureGroup],
-        tokenizer: str,
         samples_per_epoch: int = 80_000,
         val: list[EvalSet] | None = None,
         test: list[EvalSet] | None = None,
-        num_scales: int = 2,
-        tokens_per_scale: int = 3,
-        image_size: int = 448,
-        pixel_mean: tuple[float, float, float] = DEFAULT_PIXEL_MEAN,
-        pixel_std: tuple[float, float, float] = DEFAULT_PIXEL_STD,
-        template: str = "llava_v1",
-        max_length: int = 512,
-        image_length: int = 1,
-        batch_size: int = 2,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
-        pin_memory: bool | None = None,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            tokenizer=tokenizer,
-            num_scales=num_scales,
-            tokens_per_scale=tokens_per_scale,
-            image_size=image_size,
-            pixel_mean=pixel_mean,
-            pixel_std=pixel_std,
-            template=template,
-            max_length=max_length,
-            image_length=image_length,
-            batch_size=batch_size,
-            val_batch_size=val_batch_size,
-            num_workers=num_workers,
-            pin_memory=pin_memory,
-            seed=seed,
-        )
+        super().__init__(**kwargs)
         self.save_hyperparameters(ignore=["train", "val", "test"])  # datasets are not hyper-parameters
         self.groups = list(train)
         self.probabilities = source_probabilities(self.groups)
         sources = [s.dataset for g in self.groups for s in g.datasets]
         self.train_set = ConcatDataset(sources)
-        self.sampler = MixtureSampler([len(d) for d in sources], self.probabilities, samples_per_epoch, seed)
+        self.sampler = MixtureSampler([len(d) for d in sources], self.probabilities, samples_per_epoch, self.seed)
         self.eval_sets = {"val": list(val or []), "test": list(test or [])}
         for stage, sets in self.eval_sets.items():
             names = [s.name for s in sets]
