@@ -116,4 +116,4 @@ def test_muse_module_options_reach_the_loaders(tmp_path: Path) -> None:
     codebook = torch.tensor(dm.tokenizer.convert_tokens_to_ids(codebook_token_strings(2, 3)))
     assert torch.isin(batch["labels"], codebook).sum(1).tolist() == [6 * m.shape[0] for m in batch["masks"]]
     with pytest.raises(ValueError, match="unknown conversation template"):
-        MuseDataModule(shapes.train_json, shapes.val_json, shapes.image_root, "shapes", template="vicuna")
+        MuseDataModule(shapes.train_json, shapes.val_json, shapes.image_root, tokenizer="shapes", template="vicuna")
