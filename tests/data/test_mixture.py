@@ -129,8 +129,9 @@ def test_worker_count_does_not_change_the_batches(shapes_dir: Path) -> None:
     for workers in (0, 2):
         dm = _module(shapes_dir, num_workers=workers, seed=3)
         loader = dm.train_dataloader()
-        orders.append([[(m.get("dataset"), m["record_index"], m.get("question_index")) for m in b["meta"]] for b in loader])
-        orders.append([[(m.get("dataset"), m["record_index"], m.get("question_index")) for m in b["meta"]] for b in loader])
+        for _ in range(2):  # two epochs
+            orders.append([[(m.get("dataset"), m["record_index"], m.get("question_index")) for m in b["meta"]] for b in loader])
+        del loader  # stop the persistent workers here, not in a later test
     assert len(orders[0]) == 3 and all(len(b) == 4 for b in orders[0])
     assert orders[0] == orders[2] and orders[1] == orders[3]  # epoch by epoch, 0 or 2 workers
     assert orders[0] != orders[1]  # the second epoch is another draw

@@ -53,7 +53,7 @@ def test_labels_mask_exactly_bos_and_prompt(
     encoded = encoder.encode(
         "segment every circle.", "the small red circle {seg} and the large blue circle {seg}.", 2
     )
-    ids, labels, n = encoded.input_ids, encoded.labels, encoded.prompt_length
+    ids, labels, n = encoded.input_ids, encoded.labels, len(encoded.prompt_ids)
     prompt = tokenizer(build_prompt(template, "segment every circle."), add_special_tokens=False)[
         "input_ids"
     ]

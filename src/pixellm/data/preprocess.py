@@ -80,11 +80,6 @@ class EncodedText:
     dropped_targets: int = 0
     cut_tokens: int = 0
 
-    @property
-    def prompt_length(self) -> int:
-        """Length of the generation prompt."""
-        return len(self.prompt_ids)
-
 
 class TextEncoder:
     """Tokenise conversations with a template; labels on the answers only.
