@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, DistributedSampler
 
 from pixellm.data.mixture import (
     EvalSet,
@@ -106,6 +106,14 @@ def test_order_depends_only_on_seed_and_epoch() -> None:
     assert draw(0, 0) != draw(0, 1) and draw(0, 0) != draw(1, 0)
     sampler = MixtureSampler([5, 7, 11, 3, 13], probabilities, 50, 0)
     assert [list(sampler), list(sampler)] == [draw(0, 0), draw(0, 1)]  # passes advance the epoch
+
+
+def test_replicas_split_one_epoch_between_them() -> None:
+    probabilities = source_probabilities(_groups())
+    whole = list(MixtureSampler([5, 7, 11, 3, 13], probabilities, 10, 0))
+    parts = [MixtureSampler([5, 7, 11, 3, 13], probabilities, 10, 0, num_replicas=2, rank=r) for r in (0, 1)]
+    assert [len(p) for p in parts] == [5, 5] and isinstance(parts[0], DistributedSampler)
+    assert list(parts[0]) == whole[0::2] and list(parts[1]) == whole[1::2]
 
 
 def _module(shapes_dir: Path, **kwargs: object) -> MixtureDataModule:

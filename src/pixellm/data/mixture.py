@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from pixellm.data.datamodule import SampleDataModule
 from pixellm.data.splits import EvalMode, EvalSplit
@@ -93,45 +93,50 @@ def source_probabilities(groups: list[MixtureGroup]) -> list[float]:
     return probabilities
 
 
-class MixtureSampler(Sampler[int]):
+class MixtureSampler(DistributedSampler):
     """Indices into the concatenation of datasets: a dataset drawn by probability, then one of its
-    items uniformly, ``num_samples`` times per epoch, from ``numpy.random.default_rng([seed,
-    epoch])``.
+    items uniformly, ``num_samples`` times per epoch over all replicas, from
+    ``numpy.random.default_rng([seed, epoch])``; replica ``rank`` takes every ``num_replicas``-th.
 
-    ``set_epoch`` (Lightning calls it every epoch) picks the epoch; without it each pass over
-    the sampler moves on to the next epoch (so a distributed wrapper still gets new epochs).
+    ``set_epoch`` (Lightning calls it every epoch, also after a resume) picks the epoch; without it
+    each pass moves on to the next epoch. Being a ``DistributedSampler``, it is not wrapped again
+    by Lightning on several devices.
 
     Args:
         sizes: Length of each dataset, in concatenation order.
         probabilities: Probability of each dataset (summing to 1).
-        num_samples: Indices per epoch.
+        num_samples: Indices per epoch over all replicas (a multiple of ``num_replicas`` is used).
         seed: Seed of the order.
+        num_replicas: Processes sharing the epoch (the distributed world size).
+        rank: This process's index among them.
     """
 
-    def __init__(self, sizes: list[int], probabilities: list[float], num_samples: int, seed: int) -> None:
-        if len(sizes) != len(probabilities) or num_samples < 1:
+    def __init__(
+        self,
+        sizes: list[int],
+        probabilities: list[float],
+        num_samples: int,
+        seed: int,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        if len(sizes) != len(probabilities) or num_samples < num_replicas:
             raise ValueError(
-                f"need one probability per dataset and num_samples >= 1, got {len(sizes)} sizes, "
-                f"{len(probabilities)} probabilities, num_samples={num_samples}"
+                f"need one probability per dataset and num_samples >= num_replicas, got {len(sizes)} "
+                f"sizes, {len(probabilities)} probabilities, num_samples={num_samples}, num_replicas={num_replicas}"
             )
+        super().__init__(range(num_samples), num_replicas, rank, shuffle=False, seed=seed, drop_last=True)
         self.sizes = np.asarray(sizes, dtype=np.int64)
         self.probabilities = np.asarray(probabilities, dtype=np.float64) / sum(probabilities)
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
-        self.num_samples, self.seed, self.epoch = num_samples, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Draw the order of ``epoch`` on the next pass."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_samples
 
     def __iter__(self) -> Iterator[int]:
         rng = np.random.default_rng([self.seed, self.epoch])
         self.epoch += 1
-        which = rng.choice(len(self.sizes), size=self.num_samples, p=self.probabilities)  # (n,)
-        within = (rng.random(self.num_samples) * self.sizes[which]).astype(np.int64)  # (n,)
-        return iter((self.offsets[which] + within).tolist())
+        which = rng.choice(len(self.sizes), size=self.total_size, p=self.probabilities)  # (n,)
+        within = (rng.random(self.total_size) * self.sizes[which]).astype(np.int64)  # (n,)
+        indices = self.offsets[which] + within  # (n,) into the concatenation
+        return iter(indices[self.rank : self.total_size : self.num_replicas].tolist())
 
 
 class MixtureDataModule(SampleDataModule):
@@ -161,7 +166,7 @@ class MixtureDataModule(SampleDataModule):
         self.probabilities = source_probabilities(self.groups)
         sources = [s.dataset for g in self.groups for s in g.datasets]
         self.train_set = ConcatDataset(sources)
-        self.sampler = MixtureSampler([len(d) for d in sources], self.probabilities, samples_per_epoch, self.seed)
+        self.samples_per_epoch = samples_per_epoch
         self.eval_sets = {"val": list(val or []), "test": list(test or [])}
         for stage, sets in self.eval_sets.items():
             names = [s.name for s in sets]
@@ -173,8 +178,14 @@ class MixtureDataModule(SampleDataModule):
         return [EvalSplit(s.name, s.mode) for s in self.eval_sets[stage]]
 
     def train_dataloader(self) -> DataLoader:
-        """``samples_per_epoch`` teacher-forced samples drawn by ``MixtureSampler``."""
-        return self.loader(self.train_set, self.batch_size, "train", sampler=self.sampler)
+        """This process's share of ``samples_per_epoch`` teacher-forced samples drawn by
+        ``MixtureSampler`` (the trainer's world size and rank split them)."""
+        replicas = {"num_replicas": 1, "rank": 0}
+        if self.trainer is not None and self.trainer.world_size > 1:
+            replicas = {"num_replicas": self.trainer.world_size, "rank": self.trainer.global_rank}
+        sizes = [len(d) for d in self.train_set.datasets]
+        sampler = MixtureSampler(sizes, self.probabilities, self.samples_per_epoch, self.seed, **replicas)
+        return self.loader(self.train_set, self.batch_size, "train", sampler=sampler)
 
     def _eval_loaders(self, stage: str) -> list[DataLoader]:
         return [
