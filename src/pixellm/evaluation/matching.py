@@ -1,8 +1,8 @@
 """Pairing predicted masks with ground-truth masks, one question at a time (Sec. 4.3).
 
-Every function here is pure and deterministic. The IoU matrices of a whole batch come from one
-batched matrix product; only the assignment itself (``scipy.optimize.linear_sum_assignment``) runs
-per question.
+Every function here is pure and deterministic, and vectorised over masks and pixels: a question's
+IoU matrix comes from one matrix product over the pixels where any of its masks is on, and the
+assignment from ``scipy.optimize.linear_sum_assignment``.
 
 A question with P predictions and G ground truths yields M = max(P, G) pairs: min(P, G) matched
 pairs, then each unmatched prediction paired with an empty ground truth (I = 0, U = |pred|), then
@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
@@ -73,58 +74,79 @@ class PairwiseCounts:
     gt_size: Tensor
 
 
-def _flatten_padded(masks: list[Tensor], count: int, pixels: int, dtype: torch.dtype) -> Tensor:
-    """(B, count, pixels) zero-padded stack of B (K_b, H_b, W_b) masks (zeros add nothing to a count)."""
-    out = torch.zeros(len(masks), count, pixels, dtype=dtype, device=masks[0].device)
-    for b, mask in enumerate(masks):
-        out[b, : mask.shape[0], : mask.shape[1] * mask.shape[2]] = mask.flatten(1)
-    return out
+def _block_size(pixels: int) -> int:
+    """The largest of 64, 32, ..., 1 that divides ``pixels``."""
+    return next(b for b in (64, 32, 16, 8, 4, 2, 1) if pixels % b == 0)
+
+
+def _compact(pred: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
+    """The question's masks restricted to the blocks of pixels where any of its masks is non-zero.
+
+    Every other pixel adds 0 to every I and U, so counting on the kept pixels is exact, and it
+    reads each mask once instead of once per pair.
+
+    Args:
+        pred: (P, H, W) bool.
+        truth: (G, H, W) uint8/long ground truth.
+
+    Returns:
+        (P, n) bool and (G, n) ground truth, n a multiple of the block size.
+    """
+    pixels = truth.shape[1] * truth.shape[2]
+    block = _block_size(pixels)
+    pred = pred.reshape(pred.shape[0], pixels // block, block)  # (P, N/b, b)
+    truth = truth.reshape(truth.shape[0], pixels // block, block)  # (G, N/b, b)
+    on = truth.amax(0) if truth.shape[0] else truth.new_zeros(truth.shape[1:])  # (N/b, b)
+    if pred.shape[0]:
+        on = torch.maximum(on, pred.view(torch.uint8).amax(0).to(on.dtype))
+    kept = on.amax(1).nonzero().flatten()  # (n/b,) blocks with a non-zero pixel
+    return pred.index_select(1, kept).flatten(1), truth.index_select(1, kept).flatten(1)
+
+
+def question_counts(pred: Tensor, truth: Tensor, ignore_index: int = 255) -> PairwiseCounts:
+    """I and U of every prediction against every ground truth of one question, from one matrix
+    product over its compacted pixels (``_compact``).
+
+    Args:
+        pred: (P, H, W) bool.
+        truth: (G, H, W) in {0, 1, ignore_index}; ignored pixels count in neither I nor U of that
+            ground truth.
+    """
+    if pred.shape[1:] != truth.shape[1:]:
+        raise ValueError(f"predictions {tuple(pred.shape)} and ground truth {tuple(truth.shape)} differ in size")
+    pred, truth = _compact(pred, truth)  # (P, n), (G, n)
+    dtype = torch.float32 if pred.shape[1] < EXACT_FLOAT32_PIXELS else torch.float64
+    num_gt = truth.shape[0]
+    columns = torch.cat([truth == 1, truth != ignore_index]).to(dtype)  # (2G, n): foreground, valid
+    products = (pred.to(dtype) @ columns.T).double().cpu()  # (P, 2G)
+    inter, pred_valid = products[:, :num_gt], products[:, num_gt:]  # (P, G) each; |pred & valid_g|
+    pred_size = pred.sum(1).double().cpu()  # (P,)
+    gt_size = columns[:num_gt].sum(1).double().cpu()  # (G,)
+    return PairwiseCounts(inter, pred_valid + gt_size[None, :] - inter, pred_size, gt_size)
 
 
 def pairwise_counts(
     preds: list[Tensor], targets: list[Tensor], ignore_index: int = 255
 ) -> list[PairwiseCounts]:
-    """I and U of every prediction against every ground truth, for a batch of questions at once.
+    """``question_counts`` of every question of a batch.
+
+    One matrix product per question: padding the compacted masks of a batch to one batched
+    product cost more in zero-filling and conversion than it saved (measured with
+    benchmarks/metrics.py).
 
     Args:
         preds: B tensors (P_b, H_b, W_b) bool.
-        targets: B tensors (G_b, H_b, W_b) in {0, 1, ignore_index}; ignored pixels count in
-            neither I nor U of that ground truth.
-
-    Returns:
-        One ``PairwiseCounts`` per question.
+        targets: B tensors (G_b, H_b, W_b) in {0, 1, ignore_index}.
     """
     if len(preds) != len(targets):
         raise ValueError(f"{len(preds)} prediction sets but {len(targets)} ground-truth sets")
+    counts = []
     for b, (pred, truth) in enumerate(zip(preds, targets, strict=True)):
-        if pred.shape[1:] != truth.shape[1:]:
-            raise ValueError(f"question {b}: predictions {tuple(pred.shape)} and ground truth {tuple(truth.shape)} differ in size")
-    if not preds:
-        return []
-    pixels = max(t.shape[1] * t.shape[2] for t in targets)
-    dtype = torch.float32 if pixels < EXACT_FLOAT32_PIXELS else torch.float64
-    num_pred = max(p.shape[0] for p in preds)
-    num_gt = max(t.shape[0] for t in targets)
-    pred = _flatten_padded(preds, num_pred, pixels, dtype)  # (B, P, N)
-    truth = _flatten_padded([t == 1 for t in targets], num_gt, pixels, dtype)  # (B, G, N)
-    inter = torch.bmm(pred, truth.transpose(1, 2)).double()  # (B, P, G)
-    pred_size = pred.sum(2, dtype=torch.float64)  # (B, P)
-    gt_size = truth.sum(2, dtype=torch.float64)  # (B, G)
-    if any(bool((t == ignore_index).any()) for t in targets):
-        valid = _flatten_padded([t != ignore_index for t in targets], num_gt, pixels, dtype)
-        pred_valid = torch.bmm(pred, valid.transpose(1, 2)).double()  # (B, P, G) |pred & valid_g|
-    else:
-        pred_valid = pred_size[:, :, None].expand_as(inter)
-    union = pred_valid + gt_size[:, None, :] - inter  # (B, P, G)
-    return [
-        PairwiseCounts(
-            intersection=inter[b, : p.shape[0], : t.shape[0]],
-            union=union[b, : p.shape[0], : t.shape[0]],
-            pred_size=pred_size[b, : p.shape[0]],
-            gt_size=gt_size[b, : t.shape[0]],
-        )
-        for b, (p, t) in enumerate(zip(preds, targets, strict=True))
-    ]
+        try:
+            counts.append(question_counts(pred, truth, ignore_index))
+        except ValueError as error:
+            raise ValueError(f"question {b}: {error}") from error
+    return counts
 
 
 def bce_dice_cost(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
@@ -158,28 +180,22 @@ def hungarian_pairs(cost: Tensor, counts: PairwiseCounts) -> MatchedPairs:
 
     Args:
         cost: (P, G) cost of pairing prediction p with ground truth g.
-        counts: the question's pixel counts.
+        counts: the question's pixel counts (on the CPU).
     """
     num_pred, num_gt = counts.intersection.shape
     rows, cols = linear_sum_assignment(cost.detach().cpu().double().numpy())  # rows ascending
-    rows_t = torch.as_tensor(rows, dtype=torch.long)
-    cols_t = torch.as_tensor(cols, dtype=torch.long)
-    free_pred = torch.ones(num_pred, dtype=torch.bool)
-    free_pred[rows_t] = False
-    free_gt = torch.ones(num_gt, dtype=torch.bool)
-    free_gt[cols_t] = False
-    lone_pred = free_pred.nonzero().flatten()
-    lone_gt = free_gt.nonzero().flatten()
-    device = counts.intersection.device
-    inter = counts.intersection[rows_t.to(device), cols_t.to(device)]
-    union = counts.union[rows_t.to(device), cols_t.to(device)]
-    zeros = inter.new_zeros(len(lone_pred) + len(lone_gt))
-    minus = torch.full((len(lone_pred),), -1, dtype=torch.long), torch.full((len(lone_gt),), -1, dtype=torch.long)
+    free_pred, free_gt = np.ones(num_pred, dtype=bool), np.ones(num_gt, dtype=bool)
+    free_pred[rows], free_gt[cols] = False, False
+    lone_pred, lone_gt = np.flatnonzero(free_pred), np.flatnonzero(free_gt)
+    inter, union = counts.intersection.numpy(), counts.union.numpy()
+    none_pred, none_gt = np.full(len(lone_gt), -1), np.full(len(lone_pred), -1)
     return MatchedPairs(
-        pred_index=torch.cat([rows_t, lone_pred, minus[1]]),
-        gt_index=torch.cat([cols_t, minus[0], lone_gt]),
-        intersection=torch.cat([inter, zeros]).cpu(),
-        union=torch.cat([union, counts.pred_size[lone_pred.to(device)], counts.gt_size[lone_gt.to(device)]]).cpu(),
+        pred_index=torch.from_numpy(np.concatenate([rows, lone_pred, none_pred]).astype(np.int64)),
+        gt_index=torch.from_numpy(np.concatenate([cols, none_gt, lone_gt]).astype(np.int64)),
+        intersection=torch.from_numpy(np.concatenate([inter[rows, cols], np.zeros(len(lone_pred) + len(lone_gt))])),
+        union=torch.from_numpy(
+            np.concatenate([union[rows, cols], counts.pred_size.numpy()[lone_pred], counts.gt_size.numpy()[lone_gt]])
+        ),
         num_targets=num_gt,
     )
 
