@@ -14,7 +14,12 @@ from rich.table import Table
 
 from pixellm.evaluation.judge import AnswerJudge, IoUOnlyJudge
 from pixellm.evaluation.matching import concatenate
-from pixellm.evaluation.muse_protocol import judge_question, pair_scores, question_record, target_references
+from pixellm.evaluation.muse_protocol import (
+    judge_question,
+    pair_scores,
+    question_record,
+    target_references,
+)
 from pixellm.evaluation.overlay import mask_overlay, unnormalise
 from pixellm.evaluation.report import SplitResult, markdown_table, write_split_json
 from pixellm.metrics.iou import PairedMaskIoU

@@ -91,3 +91,15 @@ def test_iou_agrees_with_pycocotools_on_200_random_pairs():
         expected = mask_utils.iou([encode[0]], [encode[1]], [0])[0, 0]
         assert union.item() > 10
         assert mask_iou(inter, union).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_readme_states_the_metric_definitions_of_the_docstring():
+    from pathlib import Path
+
+    import pixellm.metrics.iou as iou_module
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    bullets = [line for line in iou_module.__doc__.splitlines() if line.startswith("- ")]
+    assert len(bullets) == 4
+    for line in bullets:
+        assert line in readme, line
