@@ -155,7 +155,7 @@ class EvaluationReport(Callback):
                 mean, std,
             )
             overlay = mask_overlay(image, item["masks"].to(image.device), batch["masks"][b].to(image.device))
-            tag = f"{item['split'].name}/overlay_{self.overlays} (red: prediction, green: ground truth)"
+            tag = f"{item['split'].name}/overlay_{self.overlays}"  # red: prediction, green: ground truth
             loggers[0].experiment.add_image(tag, overlay.cpu(), trainer.global_step)
             self.overlays += 1
 
