@@ -98,7 +98,8 @@ def _compact(pred: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
     truth = truth.reshape(truth.shape[0], pixels // block, block)  # (G, N/b, b)
     on = truth.amax(0) if truth.shape[0] else truth.new_zeros(truth.shape[1:])  # (N/b, b)
     if pred.shape[0]:
-        on = torch.maximum(on, pred.view(torch.uint8).amax(0).to(on.dtype))
+        pred_on = pred.view(torch.uint8).amax(0)
+        on = torch.maximum(on, pred_on if on.dtype == torch.uint8 else pred_on.to(on.dtype))
     kept = on.amax(1).nonzero().flatten()  # (n/b,) blocks with a non-zero pixel
     return pred.index_select(1, kept).flatten(1), truth.index_select(1, kept).flatten(1)
 
@@ -117,12 +118,19 @@ def question_counts(pred: Tensor, truth: Tensor, ignore_index: int = 255) -> Pai
     pred, truth = _compact(pred, truth)  # (P, n), (G, n)
     dtype = torch.float32 if pred.shape[1] < EXACT_FLOAT32_PIXELS else torch.float64
     num_gt = truth.shape[0]
-    columns = torch.cat([truth == 1, truth != ignore_index]).to(dtype)  # (2G, n): foreground, valid
-    products = (pred.to(dtype) @ columns.T).double().cpu()  # (P, 2G)
-    inter, pred_valid = products[:, :num_gt], products[:, num_gt:]  # (P, G) each; |pred & valid_g|
-    pred_size = pred.sum(1).double().cpu()  # (P,)
-    gt_size = columns[:num_gt].sum(1).double().cpu()  # (G,)
-    return PairwiseCounts(inter, pred_valid + gt_size[None, :] - inter, pred_size, gt_size)
+    foreground = truth == 1  # (G, n)
+    ones = foreground.new_ones(1, foreground.shape[1])  # (1, n): its product is |pred|
+    columns = torch.cat([foreground, truth != ignore_index, ones]).to(dtype)  # (2G + 1, n)
+    products = (pred.to(dtype) @ columns.T).cpu().numpy().astype(np.float64)  # (P, 2G + 1)
+    inter = products[:, :num_gt]  # (P, G)
+    pred_valid = products[:, num_gt : 2 * num_gt]  # (P, G) |pred & valid_g|
+    gt_size = foreground.sum(1).cpu().numpy().astype(np.float64)  # (G,)
+    return PairwiseCounts(
+        torch.from_numpy(inter),
+        torch.from_numpy(pred_valid + gt_size[None, :] - inter),
+        torch.from_numpy(products[:, 2 * num_gt]),
+        torch.from_numpy(gt_size),
+    )
 
 
 def pairwise_counts(
