@@ -47,3 +47,29 @@ def build_from_config(config: Path, *overrides: str):
         args=["--config", str(config), *overrides],
     )
     return cli.model, cli.datamodule
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tiny_config):
+    """(task, datamodule, model section) of the tiny model taught an answer (tests/trained_tiny.py)."""
+    from lightning import LightningDataModule
+    from lightning.pytorch.cli import LightningCLI
+    from trained_tiny import MAX_NEW_TOKENS, train_tiny
+
+    from pixellm.task import PixelLMTask
+
+    cli = LightningCLI(
+        PixelLMTask, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
+        auto_configure_optimizers=False, run=False,
+        args=["--config", str(tiny_config), f"--model.init_args.max_new_tokens={MAX_NEW_TOKENS}"],
+    )
+    train_tiny(cli.model, cli.datamodule)
+    return cli.model, cli.datamodule, cli.config.as_dict()["model"]
+
+
+@pytest.fixture(scope="session")
+def exported_tiny(trained_tiny, tmp_path_factory) -> Path:
+    """The folder ``pixellm export`` writes for ``trained_tiny``."""
+    from trained_tiny import export_tiny
+
+    return export_tiny(*trained_tiny, tmp_path_factory.mktemp("exported") / "tiny")
