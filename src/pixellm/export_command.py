@@ -10,10 +10,12 @@ Without ``--config`` the ``config.yaml`` that ``pixellm fit`` saved next to the 
 from __future__ import annotations
 
 import argparse
+import inspect
 from pathlib import Path
 
 import torch
-from lightning import LightningDataModule
+import yaml
+from lightning import LightningDataModule, Trainer
 from lightning.pytorch.cli import LightningCLI
 
 from pixellm.export import Preprocess, save_pretrained
@@ -52,6 +54,17 @@ def find_run_config(ckpt_path: Path) -> Path:
     return candidate
 
 
+def config_text(path: Path) -> str:
+    """A config file's YAML without the arguments of ``Trainer.fit`` itself (``ckpt_path``,
+    ``weights_only``), which a run's saved ``config.yaml`` holds but a model-building parser refuses."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: config not found")
+    config = yaml.safe_load(path.read_text()) or {}
+    for name in inspect.signature(Trainer.fit).parameters.keys() - {"self", "model", "datamodule"}:
+        config.pop(name, None)
+    return yaml.safe_dump(config)
+
+
 def load_checkpoint_state(ckpt_path: Path) -> dict[str, torch.Tensor]:
     """The ``state_dict`` of a Lightning checkpoint, read with ``weights_only=True``."""
     if not ckpt_path.is_file():
@@ -71,7 +84,7 @@ def export_command(argv: list[str]) -> None:
     parser.add_argument("--merge", action="store_true", help="merge LoRA into the LLM weights")
     args, overrides = parser.parse_known_args(argv)
     configs = args.config or [find_run_config(args.ckpt_path)]
-    cli_args = [a for c in configs for a in ("--config", str(c))] + overrides
+    cli_args = [a for c in configs for a in ("--config", config_text(c))] + overrides
     cli = LightningCLI(
         PixelLMTask,
         LightningDataModule,
