@@ -17,8 +17,8 @@ from pixellm.export import (
     ADAPTER_DIR,
     CONFIG_NAME,
     WEIGHTS_NAME,
-    PretrainedModel,
     Preprocess,
+    PretrainedModel,
     instantiate_task,
     load_pretrained,
     save_pretrained,
@@ -96,7 +96,6 @@ def lora_task(trained_tiny, tmp_path_factory):
     base = tmp_path_factory.mktemp("llava-base")
     task.lmm.llava.save_pretrained(base)
     config = copy.deepcopy(model_config)
-    config["init_args"]["optimizer"] = None
     config["init_args"]["lmm"]["init_args"].update(
         pretrained=str(base), text_config=None, lora={"r": 4, "alpha": 8, "dropout": 0.0}
     )
@@ -124,6 +123,14 @@ def test_lora_export_keeps_base_weights_out_and_reloads_from_the_base(lora_task,
     )
     loaded = load_pretrained(folder, base_model=str(base)).task
     assert all(torch.equal(v, task.state_dict()[k]) for k, v in loaded.state_dict().items())
+
+    from peft import PeftModel  # the adapter folder is peft's own format
+
+    plain = copy.deepcopy(config)
+    plain["init_args"]["lmm"]["init_args"]["lora"] = None
+    peft_model = PeftModel.from_pretrained(instantiate_task(plain).lmm.llava, folder / ADAPTER_DIR)
+    name = "model.language_model.layers.0.self_attn.v_proj.lora_B.default.weight"
+    assert torch.equal(peft_model.state_dict()[f"base_model.model.{name}"], task.state_dict()[f"lmm.llava.{name}"])
 
     moved = tmp_path / "moved"
     config_json = json.loads((folder / CONFIG_NAME).read_text())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
 from lightning import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
@@ -35,15 +36,28 @@ FOLDER_PREDICT = "pixellm.inference.commands:predict_command"
 FOLDER_PREDICT_FLAGS = ("--image", "--jsonl")
 
 
+def _names_a_folder(args: list[str]) -> bool:
+    """Whether ``--model`` is given an exported folder (LightningCLI's ``--model`` never is one)."""
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith("--model=") else None
+        if arg == "--model" and i + 1 < len(args):
+            value = args[i + 1]
+        if value is not None and (Path(value) / "config.json").is_file():
+            return True
+    return False
+
+
 def tool_for(args: list[str]) -> str | None:
     """The ``module:function`` that handles ``args``, or None for LightningCLI.
 
-    ``predict`` belongs to LightningCLI unless it is given ``--image`` or ``--jsonl`` (inputs of an
-    exported folder).
+    ``predict`` belongs to LightningCLI unless it is given ``--image`` or ``--jsonl`` or an exported
+    folder as ``--model``.
     """
     if not args:
         return None
-    if args[0] == "predict" and any(a.split("=")[0] in FOLDER_PREDICT_FLAGS for a in args[1:]):
+    if args[0] == "predict" and (
+        any(a.split("=")[0] in FOLDER_PREDICT_FLAGS for a in args[1:]) or _names_a_folder(args[1:])
+    ):
         return FOLDER_PREDICT
     return TOOLS.get(args[0])
 

@@ -15,7 +15,7 @@ from pixellm.export import load_pretrained
 from pixellm.inference.answer import number_targets
 from pixellm.inference.commands import read_jsonl
 from pixellm.inference.overlay import ALPHA, LEGEND_ROW, target_colour
-from pixellm.inference.predictor import Predictor, Request, mask_scores
+from pixellm.inference.predictor import Predictor, Request, mask_scores, resolve_dtype
 from pixellm.main import main, run_tool, tool_for
 
 TOKENS = [f"[SEG{i}]" for i in range(6)]
@@ -100,6 +100,15 @@ def test_batched_prediction_equals_one_at_a_time(exported_tiny):
         assert torch.allclose(a.scores, b.scores, atol=1e-5)
 
 
+def test_precision_is_fp32_on_cpu_and_half_precision_needs_a_gpu():
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == torch.float32 and resolve_dtype("fp32", cpu) == torch.float32
+    with pytest.raises(ValueError, match="precision bf16 needs a GPU"):
+        resolve_dtype("bf16", cpu)
+    with pytest.raises(ValueError, match="precision must be auto"):
+        resolve_dtype("int3", cpu)
+
+
 def test_jsonl_requests_resolve_relative_paths_and_name_bad_lines(tmp_path):
     random_image(0).save(tmp_path / "x.png")
     good = tmp_path / "good.jsonl"
@@ -114,8 +123,10 @@ def test_jsonl_requests_resolve_relative_paths_and_name_bad_lines(tmp_path):
         read_jsonl(bad)
 
 
-def test_predict_with_a_config_stays_lightnings_and_tools_are_found_by_name():
+def test_predict_with_a_config_stays_lightnings_and_tools_are_found_by_name(exported_tiny):
     assert tool_for(["predict", "--config", "c.yaml", "--ckpt_path", "x"]) is None
+    assert tool_for(["predict", "--model", "pixellm.task.PixelLMTask"]) is None
+    assert tool_for(["predict", "--model", str(exported_tiny), "--help"]) == "pixellm.inference.commands:predict_command"
     assert tool_for(["fit", "--config", "c.yaml"]) is None
     assert tool_for(["predict", "--model", "DIR", "--image=x.png"]) == "pixellm.inference.commands:predict_command"
     assert tool_for(["convert-refs", "a"]) == "pixellm.data.refer:convert_refs_command"
