@@ -52,17 +52,12 @@ def build_from_config(config: Path, *overrides: str):
 @pytest.fixture(scope="session")
 def trained_tiny(tiny_config):
     """(task, datamodule, model section) of the tiny model taught an answer (tests/trained_tiny.py)."""
-    from lightning import LightningDataModule
-    from lightning.pytorch.cli import LightningCLI
     from trained_tiny import MAX_NEW_TOKENS, train_tiny
 
-    from pixellm.task import PixelLMTask
+    from pixellm.main import lightning_cli
 
-    cli = LightningCLI(
-        PixelLMTask, LightningDataModule, subclass_mode_model=True, subclass_mode_data=True,
-        auto_configure_optimizers=False, run=False,
-        args=["--config", str(tiny_config), f"--model.init_args.max_new_tokens={MAX_NEW_TOKENS}"],
-    )
+    args = ["--config", str(tiny_config), f"--model.init_args.max_new_tokens={MAX_NEW_TOKENS}"]
+    cli = lightning_cli(args, run=False)
     train_tiny(cli.model, cli.datamodule)
     return cli.model, cli.datamodule, cli.config.as_dict()["model"]
 

@@ -15,7 +15,8 @@ from PIL import Image
 
 from pixellm.data.collate import MuseCollator
 from pixellm.data.sample import Sample
-from pixellm.export import Preprocess, save_pretrained
+from pixellm.export import save_pretrained
+from pixellm.export_command import preprocess_of
 
 QUESTION = "segment the circle and the square."
 ANSWER = "the circle {seg} and the square {seg}."  # two targets: the left and the right half
@@ -81,10 +82,5 @@ def train_tiny(task, datamodule) -> None:
 
 
 def export_tiny(task, datamodule, model_config: dict, folder: Path) -> Path:
-    preprocess = Preprocess(
-        image_size=datamodule.image_size,
-        pixel_mean=tuple(datamodule.pixel_mean),
-        pixel_std=tuple(datamodule.pixel_std),
-        template=datamodule.template,
-    )
-    return save_pretrained(task, folder, model_config, preprocess)
+    """Write ``task`` as ``pixellm export`` would."""
+    return save_pretrained(task, folder, model_config, preprocess_of(datamodule, task))

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import yaml
 from lightning import LightningDataModule, Trainer
-from lightning.pytorch.cli import LightningCLI
 
 from pixellm.export import Preprocess, save_pretrained
+from pixellm.main import lightning_cli
 from pixellm.task import PixelLMTask
 
 
@@ -85,15 +85,7 @@ def export_command(argv: list[str]) -> None:
     args, overrides = parser.parse_known_args(argv)
     configs = args.config or [find_run_config(args.ckpt_path)]
     cli_args = [a for c in configs for a in ("--config", config_text(c))] + overrides
-    cli = LightningCLI(
-        PixelLMTask,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        run=False,
-        args=cli_args,
-    )
+    cli = lightning_cli(cli_args, run=False)
     task = cli.model
     result = task.load_state_dict(load_checkpoint_state(args.ckpt_path), strict=False)
     if result.missing_keys or result.unexpected_keys:

@@ -79,13 +79,8 @@ def run_tool(target: str, argv: list[str]) -> None:
     function(argv)
 
 
-def main(args: list[str] | None = None) -> LightningCLI | None:
-    """Run the CLI with ``args`` (``None`` reads ``sys.argv``); returns LightningCLI's object."""
-    argv = sys.argv[1:] if args is None else list(args)
-    target = tool_for(argv)
-    if target is not None:
-        run_tool(target, argv[1:])
-        return None
+def lightning_cli(args: list[str] | None, run: bool = True) -> LightningCLI:
+    """LightningCLI over PixelLMTask and any data module; ``run=False`` only builds them."""
     return LightningCLI(
         PixelLMTask,
         LightningDataModule,
@@ -93,8 +88,19 @@ def main(args: list[str] | None = None) -> LightningCLI | None:
         subclass_mode_data=True,
         auto_configure_optimizers=False,
         save_config_kwargs={"overwrite": True},
+        run=run,
         args=args,
     )
+
+
+def main(args: list[str] | None = None) -> LightningCLI | None:
+    """Run the CLI with ``args`` (``None`` reads ``sys.argv``); returns LightningCLI's object."""
+    argv = sys.argv[1:] if args is None else list(args)
+    target = tool_for(argv)
+    if target is not None:
+        run_tool(target, argv[1:])
+        return None
+    return lightning_cli(args)
 
 
 def console() -> None:
