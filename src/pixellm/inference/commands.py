@@ -35,6 +35,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto: bf16 (else fp16) on GPU, fp32 on CPU")
+    parser.add_argument("--quantize", choices=["8bit", "4bit"], help="LLM weights via bitsandbytes (optional extra)")
     parser.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the folder's)")
 
 
@@ -42,6 +43,7 @@ def load_predictor(args: argparse.Namespace, batch_size: int = 1) -> Predictor:
     return Predictor.from_folder(
         args.model, base_model=args.base_model, vision_model=args.vision_model, device=args.device,
         precision=args.precision, batch_size=batch_size, max_new_tokens=args.max_new_tokens,
+        quantize=args.quantize,
     )
 
 

@@ -18,6 +18,7 @@ from pixellm.data.collate import MuseCollator
 from pixellm.data.sample import Sample
 from pixellm.export import PretrainedModel, load_pretrained
 from pixellm.inference.answer import number_targets
+from pixellm.inference.quantize import quantize_llm
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -105,6 +106,7 @@ class Predictor:
         dtype: weights and activations dtype (fp32 on CPU; bf16/fp16 on GPU).
         batch_size: requests per forward pass.
         max_new_tokens: answer length limit (default: the folder's).
+        quantize: ``"8bit"`` or ``"4bit"`` LLM weights (needs bitsandbytes), or None.
     """
 
     def __init__(
@@ -114,10 +116,13 @@ class Predictor:
         dtype: torch.dtype = torch.float32,
         batch_size: int = 1,
         max_new_tokens: int | None = None,
+        quantize: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.task = model.task.to(device=device, dtype=dtype).eval()
+        if quantize is not None:
+            quantize_llm(self.task, quantize, dtype, torch.device(device))
         if max_new_tokens is not None:
             self.task.max_new_tokens = max_new_tokens
         self.device, self.dtype, self.batch_size = torch.device(device), dtype, batch_size
