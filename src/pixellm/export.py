@@ -167,7 +167,7 @@ def _merged_model_config(task: PixelLMTask, model_config: dict[str, Any]) -> dic
     """The ``model`` section of a merged folder: the LLM built from its config, without LoRA."""
     merged = copy.deepcopy(model_config)
     lmm = merged["init_args"]["lmm"]["init_args"]
-    text_config = task.lmm.llava.config.text_config.to_diff_dict()
+    text_config = json.loads(task.lmm.llava.config.text_config.to_json_string(use_diff=True))
     text_config.pop("transformers_version", None)
     text_config.pop("model_type", None)
     lmm.update(pretrained=None, text_config=text_config, lora=None, gradient_checkpointing=False)
@@ -208,7 +208,8 @@ def save_pretrained(
         state.update({f"lmm.llava.{k}": v for k, v in _merged_llm(task).items()})
         model_config = _merged_model_config(task, model_config)
         architecture["lora"] = None
-        saved = state
+        from_base = base_keys(task, model_config)  # a frozen pretrained vision tower only
+        saved = {k: v for k, v in sorted(state.items()) if k not in from_base}
         adapter = None
     else:
         saved = {k: state[k] for k in sorted(folder_keys(task, model_config))}
@@ -254,12 +255,13 @@ def read_config(directory: str | Path) -> dict[str, Any]:
             f"{path} does not exist: pass a folder written by `pixellm export` or "
             "`pixellm convert-official`"
         )
-    config = json.loads(path.read_text())
-    if config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
-        raise ValueError(
-            f"{path}: format {config.get('format')!r} version {config.get('format_version')!r}, "
-            f"expected {FORMAT!r} version {FORMAT_VERSION}"
-        )
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err})") from err
+    if not isinstance(config, dict) or config.get("format") != FORMAT or config.get("format_version") != FORMAT_VERSION:
+        found = (config.get("format"), config.get("format_version")) if isinstance(config, dict) else None
+        raise ValueError(f"{path}: format/version {found}, expected {FORMAT!r} version {FORMAT_VERSION}")
     for section in ("model", "preprocess", "architecture", "weights"):
         if section not in config:
             raise ValueError(f"{path}: section {section!r} is missing")

@@ -43,13 +43,17 @@ def three_images(tmp_path):
     random_image(1, (40, 30), "RGB").save(folder / "a_rgb.png")
     random_image(2, (24, 36), "L").save(folder / "b_gray.png")
     random_image(3, (33, 33), "RGBA").save(folder / "c_rgba.png")
+    (folder / "d_broken.png").write_bytes(b"not a png")
     return folder
 
 
-def test_predict_writes_answer_masks_overlay_and_rle_for_every_image(exported_tiny, three_images, tmp_path):
+def test_predict_writes_answer_masks_overlay_and_rle_for_every_image(exported_tiny, three_images, tmp_path, capsys):
     out = tmp_path / "out"
     main(["predict", "--model", str(exported_tiny), "--image", str(three_images), "--question", QUESTION,
           "--out", str(out), "--batch-size", "2"])
+    printed = capsys.readouterr()
+    assert "wrote 3 predictions" in printed.out
+    assert "skipped 1 unreadable images" in printed.err and "d_broken.png: not a readable image" in printed.err
     records = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [r["folder"] for r in records] == [str(out / s) for s in ("a_rgb", "b_gray", "c_rgba")]
     for record, name in zip(records, ("a_rgb", "b_gray", "c_rgba"), strict=True):

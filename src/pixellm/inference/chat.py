@@ -54,7 +54,11 @@ def chat_loop(
             print(f"! unknown command {text.split()[0]}: {HELP}", file=output, flush=True)
             continue
         request = Request(image=image, question=text, source=source, history=list(history))
-        prediction = predictor.predict([request])[0]
+        try:
+            prediction = predictor.predict([request])[0]
+        except ValueError as err:  # e.g. a question holding the image token
+            print(f"! {err}", file=output, flush=True)
+            continue
         folder = folders.next(f"{Path(source).stem}_{turns + 1}")
         write_prediction(prediction, folder)
         history.append((text, prediction.text))

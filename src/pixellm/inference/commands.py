@@ -82,9 +82,15 @@ def read_jsonl(path: Path) -> list[tuple[Path, str]]:
     return pairs
 
 
-def _requests(pairs: list[tuple[Path, str]]) -> Iterator[Request]:
+def _requests(pairs: list[tuple[Path, str]], skipped: list[str]) -> Iterator[Request]:
+    """Requests of readable images; the error of each unreadable one is appended to ``skipped``."""
     for image, question in pairs:
-        yield Request(image=open_rgb(image), question=question, source=str(image))
+        try:
+            picture = open_rgb(image)
+        except ValueError as err:
+            skipped.append(str(err))
+            continue
+        yield Request(image=picture, question=question, source=str(image))
 
 
 def predict_command(argv: list[str]) -> None:
@@ -106,16 +112,22 @@ def predict_command(argv: list[str]) -> None:
         pairs = read_jsonl(args.jsonl)
     predictor = load_predictor(args, args.batch_size)
     folders = OutputFolders(args.out)
+    skipped: list[str] = []
     args.out.mkdir(parents=True, exist_ok=True)
     columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     with (args.out / "predictions.jsonl").open("w") as summary, Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task("predict", total=len(pairs))
-        for prediction in predictor.predict_all(_requests(pairs)):
+        written = 0
+        for prediction in predictor.predict_all(_requests(pairs, skipped)):
             folder = folders.next(prediction.request.source)
             record = write_prediction(prediction, folder)
             summary.write(json.dumps({**record, "folder": str(folder)}) + "\n")
-            bar.advance(task)
-    print(f"wrote {len(pairs)} predictions to {args.out}")
+            written += 1
+            bar.update(task, completed=written + len(skipped))
+        bar.update(task, completed=len(pairs))
+    print(f"wrote {written} predictions to {args.out}")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable images:", *skipped, sep="\n  ", file=sys.stderr)
 
 
 def chat_command(argv: list[str]) -> None:
