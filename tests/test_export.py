@@ -47,14 +47,15 @@ def test_export_then_load_gives_identical_weights_text_and_masks(trained_tiny, e
                                     "pixel_std": [58.395, 57.12, 57.375], "template": "plain"}
     assert sorted(p.name for p in exported_tiny.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME, "tokenizer"]
 
-    loaded = PixelLMTask.from_pretrained(str(exported_tiny))
+    loaded = load_pretrained(exported_tiny)
     original = task.state_dict()
-    assert loaded.state_dict().keys() == original.keys()
-    assert all(torch.equal(v, original[k]) for k, v in loaded.state_dict().items())
+    assert loaded.task.state_dict().keys() == original.keys()
+    assert all(torch.equal(v, original[k]) for k, v in loaded.task.state_dict().items())
 
     preprocess = Preprocess(**config["preprocess"])
+    assert loaded.preprocess == preprocess
     before = Predictor(PretrainedModel(task, preprocess, exported_tiny)).predict(requests())
-    after = Predictor(load_pretrained(exported_tiny)).predict(requests())
+    after = Predictor(loaded).predict(requests())
     for a, b in zip(before, after, strict=True):
         assert a.text == b.text == "the circle [1] and the square [2]."
         assert torch.equal(a.masks, b.masks) and torch.equal(a.scores, b.scores)
