@@ -172,3 +172,12 @@ def test_export_command_refuses_a_checkpoint_that_needs_unpickling_code(tiny_con
     torch.save({"state_dict": {}, "payload": pickle.loads(pickle.dumps(Path("x")))}, ckpt)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         main(["export", "--config", str(tiny_config), "--ckpt_path", str(ckpt), "--out", str(tmp_path / "o")])
+
+
+def test_validate_runs_on_an_exported_folder_with_its_weights(tiny_config, exported_tiny, tmp_path):
+    cli = main(["validate", "--config", str(tiny_config), "--model", str(exported_tiny),
+                "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}"])
+    exported = load_file(str(exported_tiny / WEIGHTS_NAME))
+    assert exported.keys() == cli.model.state_dict().keys()
+    assert all(torch.equal(cli.model.state_dict()[k], v) for k, v in exported.items())
+    assert cli.model.max_new_tokens == 24 and 0.0 <= float(cli.trainer.callback_metrics["val/gIoU"]) <= 1.0

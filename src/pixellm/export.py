@@ -279,20 +279,16 @@ def _use_base(init: dict[str, Any], given: str | None, option: str, path: Path) 
         )
 
 
-def load_pretrained(
+def folder_model_config(
     directory: str | Path, base_model: str | None = None, vision_model: str | None = None
-) -> PretrainedModel:
-    """Build the task an exported folder describes and load its weights, strictly.
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(``config.json``, its ``model`` section with the tokenizer and base folders resolved).
 
     Args:
         directory: the folder.
         base_model: local LLaVA folder replacing the one recorded in ``config.json`` (needed
             when the folder keeps the LLM's base weights out, i.e. LoRA without merge).
         vision_model: local CLIP folder replacing the recorded one (a frozen pretrained tower).
-
-    Raises:
-        FileNotFoundError: a file of the folder or a base checkpoint is missing.
-        ValueError: the weights or the tokenizer do not match the config (names the keys).
     """
     directory = Path(directory)
     config = read_config(directory)
@@ -302,15 +298,41 @@ def load_pretrained(
     config_path = directory / CONFIG_NAME
     _use_base(init["lmm"].setdefault("init_args", {}), base_model, "base_model", config_path)
     _use_base(init["vision"].setdefault("init_args", {}), vision_model, "vision_model", config_path)
-    task = instantiate_task(model_config)
+    return config, model_config
+
+
+def load_folder_weights(task: PixelLMTask, directory: str | Path, model_config: dict[str, Any]) -> None:
+    """Check ``task`` is the architecture of the folder and load its weights and adapter, strictly."""
+    directory = Path(directory)
+    config = read_config(directory)
+    config_path = directory / CONFIG_NAME
     _check_architecture(describe_architecture(task), config["architecture"], config_path)
     _load_weights(task, directory / config["weights"]["file"], folder_keys(task, model_config))
     if config["weights"].get("adapter"):
         _load_adapter(task, directory / config["weights"]["adapter"])
     elif adapter_keys(task):
         raise ValueError(f"{config_path}: the model has LoRA but weights.adapter names no folder")
+
+
+def load_pretrained(
+    directory: str | Path, base_model: str | None = None, vision_model: str | None = None
+) -> PretrainedModel:
+    """Build the task an exported folder describes and load its weights, strictly.
+
+    Args:
+        directory: the folder.
+        base_model: local LLaVA folder replacing the recorded one (see :func:`folder_model_config`).
+        vision_model: local CLIP folder replacing the recorded one.
+
+    Raises:
+        FileNotFoundError: a file of the folder or a base checkpoint is missing.
+        ValueError: the weights or the tokenizer do not match the config (names the keys).
+    """
+    config, model_config = folder_model_config(directory, base_model, vision_model)
+    task = instantiate_task(model_config)
+    load_folder_weights(task, directory, model_config)
     task.eval()
-    return PretrainedModel(task, Preprocess(**config["preprocess"]), directory)
+    return PretrainedModel(task, Preprocess(**config["preprocess"]), Path(directory))
 
 
 def _check_architecture(built: dict[str, Any], recorded: dict[str, Any], path: Path) -> None:

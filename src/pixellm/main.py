@@ -4,6 +4,7 @@
     pixellm validate --config configs/shapes.yaml --ckpt_path last
     pixellm predict --config configs/shapes.yaml --ckpt_path PATH
     pixellm fit --config configs/shapes.yaml --print_config
+    pixellm validate --config configs/shapes.yaml --model DIR  (an exported folder's model)
 
 Sub-commands that are not LightningCLI's (each has its own ``--help``):
 
@@ -18,7 +19,6 @@ from __future__ import annotations
 
 import importlib
 import sys
-from pathlib import Path
 
 from lightning import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
@@ -36,27 +36,16 @@ FOLDER_PREDICT = "pixellm.inference.commands:predict_command"
 FOLDER_PREDICT_FLAGS = ("--image", "--jsonl")
 
 
-def _names_a_folder(args: list[str]) -> bool:
-    """Whether ``--model`` is given an exported folder (LightningCLI's ``--model`` never is one)."""
-    for i, arg in enumerate(args):
-        value = arg.split("=", 1)[1] if arg.startswith("--model=") else None
-        if arg == "--model" and i + 1 < len(args):
-            value = args[i + 1]
-        if value is not None and (Path(value) / "config.json").is_file():
-            return True
-    return False
-
-
 def tool_for(args: list[str]) -> str | None:
     """The ``module:function`` that handles ``args``, or None for LightningCLI.
 
-    ``predict`` belongs to LightningCLI unless it is given ``--image`` or ``--jsonl`` or an exported
-    folder as ``--model``.
+    ``predict`` belongs to LightningCLI unless it is given ``--image`` or ``--jsonl`` (inputs of an
+    exported folder; ``predict --config DATA --model DIR`` stays LightningCLI's).
     """
     if not args:
         return None
     if args[0] == "predict" and (
-        any(a.split("=")[0] in FOLDER_PREDICT_FLAGS for a in args[1:]) or _names_a_folder(args[1:])
+        any(a.split("=")[0] in FOLDER_PREDICT_FLAGS for a in args[1:])
     ):
         return FOLDER_PREDICT
     return TOOLS.get(args[0])
@@ -100,7 +89,9 @@ def main(args: list[str] | None = None) -> LightningCLI | None:
     if target is not None:
         run_tool(target, argv[1:])
         return None
-    return lightning_cli(args)
+    from pixellm.pretrained_cli import run_on_folder  # late import: it imports pixellm.export
+
+    return run_on_folder(argv) or lightning_cli(args)
 
 
 def console() -> None:

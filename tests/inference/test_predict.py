@@ -17,6 +17,7 @@ from pixellm.inference.commands import read_jsonl
 from pixellm.inference.overlay import ALPHA, LEGEND_ROW, target_colour
 from pixellm.inference.predictor import Predictor, Request, mask_scores, resolve_dtype
 from pixellm.main import main, run_tool, tool_for
+from pixellm.pretrained_cli import model_folder
 
 TOKENS = [f"[SEG{i}]" for i in range(6)]
 GROUP = " ".join(TOKENS)
@@ -130,7 +131,9 @@ def test_jsonl_requests_resolve_relative_paths_and_name_bad_lines(tmp_path):
 def test_predict_with_a_config_stays_lightnings_and_tools_are_found_by_name(exported_tiny):
     assert tool_for(["predict", "--config", "c.yaml", "--ckpt_path", "x"]) is None
     assert tool_for(["predict", "--model", "pixellm.task.PixelLMTask"]) is None
-    assert tool_for(["predict", "--model", str(exported_tiny), "--help"]) == "pixellm.inference.commands:predict_command"
+    assert tool_for(["predict", "--model", str(exported_tiny), "--jsonl", "q.jsonl"]) == "pixellm.inference.commands:predict_command"
+    assert model_folder(["validate", "--config", "c.yaml", f"--model={exported_tiny}"]) == (exported_tiny, 3)
+    assert model_folder(["validate", "--model", "pixellm.task.PixelLMTask"]) is None
     assert tool_for(["fit", "--config", "c.yaml"]) is None
     assert tool_for(["predict", "--model", "DIR", "--image=x.png"]) == "pixellm.inference.commands:predict_command"
     assert tool_for(["convert-refs", "a"]) == "pixellm.data.refer:convert_refs_command"
