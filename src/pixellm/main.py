@@ -25,6 +25,13 @@ from lightning.pytorch.cli import LightningCLI
 
 from pixellm.task import PixelLMTask
 
+# how LightningCLI is set up for PixelLMTask (components by class_path, our own optimizer wiring)
+CLI_SETUP = {
+    "subclass_mode_model": True,
+    "subclass_mode_data": True,
+    "auto_configure_optimizers": False,
+    "save_config_kwargs": {"overwrite": True},
+}
 # sub-command -> "module:function(argv: list[str])", imported only when used
 TOOLS = {
     "export": "pixellm.export_command:export_command",
@@ -70,16 +77,7 @@ def run_tool(target: str, argv: list[str]) -> None:
 
 def lightning_cli(args: list[str] | None, run: bool = True) -> LightningCLI:
     """LightningCLI over PixelLMTask and any data module; ``run=False`` only builds them."""
-    return LightningCLI(
-        PixelLMTask,
-        LightningDataModule,
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        auto_configure_optimizers=False,
-        save_config_kwargs={"overwrite": True},
-        run=run,
-        args=args,
-    )
+    return LightningCLI(PixelLMTask, LightningDataModule, **CLI_SETUP, run=run, args=args)
 
 
 def main(args: list[str] | None = None) -> LightningCLI | None:

@@ -14,6 +14,7 @@ from lightning import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
 from pixellm.export import CONFIG_NAME, folder_model_config, load_folder_weights
+from pixellm.main import CLI_SETUP
 from pixellm.task import PixelLMTask
 
 
@@ -40,15 +41,7 @@ class PretrainedFolderCLI(LightningCLI):
     def __init__(self, folder: Path, model_config: dict, args: list[str]) -> None:
         self.folder = folder
         self.folder_config = model_config
-        super().__init__(
-            PixelLMTask,
-            LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            auto_configure_optimizers=False,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
+        super().__init__(PixelLMTask, LightningDataModule, **CLI_SETUP, args=args)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
