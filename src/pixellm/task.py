@@ -254,8 +254,8 @@ class PixelLMTask(LightningModule):
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
         """Generated answers (``generate_answers``).
 
-        Returns, per question: the answer text, (K, H, W) bool masks in text order, and the count of
-        codebook tokens ignored because they did not complete a group of L*N.
+        Returns, per question: the answer text, (K, H, W) bool masks in text order and their logits,
+        and the count of codebook tokens ignored because they did not complete a group of L*N.
         """
         generation = self.generate_answers(batch)
         return [
@@ -263,11 +263,21 @@ class PixelLMTask(LightningModule):
                 "question": batch["questions"][b],
                 "answer": generation.answers[b],
                 "masks": generation.logits[b] > 0,
+                "mask_logits": generation.logits[b],  # (K, H, W)
                 "dropped_codebook_tokens": int(generation.dropped_tokens[b]),
                 "meta": batch["meta"][b],
             }
             for b in range(len(generation.answers))
         ]
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str, base_model: str | None = None, vision_model: str | None = None
+    ) -> PixelLMTask:
+        """Load a folder written by ``pixellm export`` (see ``pixellm.export.load_pretrained``)."""
+        from pixellm.export import load_pretrained  # late import: export imports this module
+
+        return load_pretrained(directory, base_model=base_model, vision_model=vision_model).task
 
     def configure_optimizers(self) -> dict:
         params = [p for p in self.parameters() if p.requires_grad]
