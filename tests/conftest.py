@@ -47,3 +47,24 @@ def build_from_config(config: Path, *overrides: str):
         args=["--config", str(config), *overrides],
     )
     return cli.model, cli.datamodule
+
+
+@pytest.fixture(scope="session")
+def trained_tiny(tiny_config):
+    """(task, datamodule, model section) of the tiny model taught an answer (tests/trained_tiny.py)."""
+    from trained_tiny import MAX_NEW_TOKENS, train_tiny
+
+    from pixellm.main import lightning_cli
+
+    args = ["--config", str(tiny_config), f"--model.init_args.max_new_tokens={MAX_NEW_TOKENS}"]
+    cli = lightning_cli(args, run=False)
+    train_tiny(cli.model, cli.datamodule)
+    return cli.model, cli.datamodule, cli.config.as_dict()["model"]
+
+
+@pytest.fixture(scope="session")
+def exported_tiny(trained_tiny, tmp_path_factory) -> Path:
+    """The folder ``pixellm export`` writes for ``trained_tiny``."""
+    from trained_tiny import export_tiny
+
+    return export_tiny(*trained_tiny, tmp_path_factory.mktemp("exported") / "tiny")

@@ -11,12 +11,16 @@ Data flow of one batch (B questions, T targets in all):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
-from pixellm.metrics.iou import MaskIoU
+from pixellm.data.splits import EvalSplit
+from pixellm.evaluation.matching import MatchCost, concatenate, match_batch, text_order_pairs
+from pixellm.metrics.iou import PairedMaskIoU
 from pixellm.model.codebook import GatheredTargets, SegmentationCodebook
 from pixellm.model.decoder import PixelDecoder
 from pixellm.model.lmm import LlavaLMM, MultimodalInputs
@@ -28,6 +32,17 @@ from pixellm.reliability.nonfinite import NonFiniteLossGuard, skipped_step_loss
 from pixellm.reliability.skipping import is_empty_batch
 from pixellm.schedule import WarmupLinearLR
 from pixellm.tokenizer import IMAGE_TOKEN, load_tokenizer
+
+HEADLINE_SCORES = ("gIoU", "cIoU")
+
+
+@dataclass
+class Generation:
+    """Greedy answers of a batch and the mask logits of their codebook groups."""
+
+    answers: list[str]  # B decoded answers, codebook tokens as their strings
+    logits: list[Tensor]  # B x (K_b, H_b, W_b) mask logits in text order, original image size
+    dropped_tokens: Tensor  # (B,) codebook tokens of an incomplete trailing group, ignored
 
 
 class PixelLMTask(LightningModule):
@@ -45,7 +60,9 @@ class PixelLMTask(LightningModule):
         optimizer: builds the optimizer from the trainable parameters (official: AdamW lr 3e-4,
             betas (0.9, 0.95), weight decay 0).
         scheduler: builds the LR scheduler from the optimizer, stepped every optimizer step.
-        max_new_tokens: generation length limit of ``predict_step``.
+        max_new_tokens: generation length limit of ``predict_step`` and generate-mode evaluation.
+        match_cost: cost of the Hungarian matching of generated to ground-truth masks in
+            generate-mode evaluation: "iou" (1 - IoU, the paper) or "bce_dice" (the released code's).
         max_nonfinite_steps: training steps with a NaN/Inf loss that are skipped (no update) before
             the run stops (see ``NonFiniteLossGuard``).
     """
@@ -63,6 +80,7 @@ class PixelLMTask(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         max_new_tokens: int = 64,
+        match_cost: MatchCost = "iou",
         max_nonfinite_steps: int = 10,
     ) -> None:
         super().__init__()
@@ -75,13 +93,14 @@ class PixelLMTask(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.max_new_tokens = max_new_tokens
+        self.match_cost = match_cost
         self.nonfinite = NonFiniteLossGuard(max_nonfinite_steps)
         self.tokenizer = load_tokenizer(tokenizer, codebook.tokens)
         self.codebook.bind(self.tokenizer.convert_tokens_to_ids(codebook.tokens))
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.lmm.extend_vocabulary(len(self.tokenizer))
         self._check_widths()
-        self.iou = nn.ModuleDict({"val": MaskIoU(), "test": MaskIoU()})
+        self.split_iou = nn.ModuleDict()  # one PairedMaskIoU per evaluation split, built per epoch
 
     def _check_widths(self) -> None:
         """Fail at construction, with the config keys to fix, when the parts do not fit together."""
@@ -153,43 +172,88 @@ class PixelLMTask(LightningModule):
             self.log(f"train/{name}", value, batch_size=batch_size, prog_bar=name == "loss")
         return terms["loss"]
 
-    def _evaluate(self, batch: dict, stage: str) -> None:
-        """Teacher-forced losses and masks of ``stage`` ("val" or "test") into its IoU metric."""
-        if is_empty_batch(batch):
-            return
-        ce, masks = self.teacher_forced(batch)
-        terms = self.loss(ce, masks, batch["masks"])
-        batch_size = len(batch["masks"])
-        for name, value in terms.items():
-            self.log(f"{stage}/{name}", value, batch_size=batch_size)
-        self.iou[stage].update(masks, batch["masks"])
+    def eval_splits(self, stage: str) -> list[EvalSplit]:
+        """The evaluation split of each ``stage`` ("val"/"test") dataloader, from the data module.
 
-    def _log_iou(self, stage: str) -> None:
-        scores = self.iou[stage].compute()
-        self.log(f"{stage}/gIoU", scores["gIoU"], prog_bar=True)
-        self.log(f"{stage}/cIoU", scores["cIoU"], prog_bar=True)
-        self.iou[stage].reset()
+        A data module without ``eval_splits`` gets one teacher-forced split named ``stage``.
+        """
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "eval_splits"):
+            return list(datamodule.eval_splits(stage))
+        return [EvalSplit(stage)]
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "val")
+    def _split(self, stage: str, dataloader_idx: int) -> EvalSplit:
+        splits = self.eval_splits(stage)
+        if dataloader_idx >= len(splits):
+            raise ValueError(
+                f"{stage} dataloader {dataloader_idx} has no evaluation split: the data module names "
+                f"{len(splits)} ({[s.name for s in splits]}); make eval_splits({stage!r}) list one per dataloader"
+            )
+        return splits[dataloader_idx]
 
-    def on_validation_epoch_end(self) -> None:
-        self._log_iou("val")
+    def _start_evaluation(self, stage: str) -> None:
+        self.split_iou = nn.ModuleDict({s.name: PairedMaskIoU() for s in self.eval_splits(stage)}).to(self.device)
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._evaluate(batch, "test")
+    def _evaluate(self, batch: dict, stage: str, dataloader_idx: int) -> list[dict]:
+        """Evaluate a batch of one split of ``stage``; feed its IoU metric.
 
-    def on_test_epoch_end(self) -> None:
-        self._log_iou("test")
+        Teacher-forced splits decode the ground-truth answer's masks and pair them in text order
+        (and log the losses); generate-mode splits generate the answer and match its masks to the
+        ground truth (Hungarian, ``match_cost``).
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
-        """Greedy generation with a KV cache; masks from the states that emitted codebook tokens.
-
-        Returns, per question: the answer text, (K, H, W) bool masks in text order, and the count of
-        codebook tokens ignored because they did not complete an in-order group of L*N.
+        Returns:
+            Per question: ``split``, ``question``, ``answer``, ``pairs`` (``MatchedPairs``),
+            ``masks`` (P, H, W) bool predictions and ``meta``, for the evaluation callbacks.
         """
         if is_empty_batch(batch):
             return []
+        split = self._split(stage, dataloader_idx)
+        truth = batch["masks"]
+        if split.mode == "teacher_forced":
+            ce, logits = self.teacher_forced(batch)
+            terms = self.loss(ce, logits, truth)
+            for name, value in terms.items():
+                self.log(f"{split.name}/{name}", value, batch_size=len(truth), add_dataloader_idx=False)
+            pairs = text_order_pairs(logits, truth)
+            answers = batch["answers"]
+        else:
+            generation = self.generate_answers(batch)
+            logits, answers = generation.logits, generation.answers
+            pairs = match_batch(logits, truth, self.match_cost)
+        self.split_iou[split.name].update(*concatenate(pairs))
+        return [
+            {"split": split, "question": q, "answer": a, "pairs": p, "masks": x > 0, "meta": m}
+            for q, a, p, x, m in zip(batch["questions"], answers, pairs, logits, batch["meta"], strict=True)
+        ]
+
+    def _log_splits(self) -> None:
+        """Log every split's gIoU / cIoU (and few/many where the split has such questions)."""
+        for name, metric in self.split_iou.items():
+            for key, value in metric.compute().items():
+                if key in HEADLINE_SCORES or not bool(value.isnan()):
+                    self.log(f"{name}/{key}", value, prog_bar=key in HEADLINE_SCORES, add_dataloader_idx=False)
+            metric.reset()
+
+    def on_validation_epoch_start(self) -> None:
+        self._start_evaluation("val")
+
+    def validation_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        return self._evaluate(batch, "val", dataloader_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_splits()
+
+    def on_test_epoch_start(self) -> None:
+        self._start_evaluation("test")
+
+    def test_step(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
+        return self._evaluate(batch, "test", dataloader_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_splits()
+
+    def generate_answers(self, batch: dict) -> Generation:
+        """Greedy generation with a KV cache; masks from the states that emitted codebook tokens."""
         features, inputs = self.encode(batch, with_labels=False)
         eos = self.tokenizer.eos_token_id
         ids, states = self.lmm.generate(inputs, self.max_new_tokens, eos)  # (B, n), (B, n, H)
@@ -197,17 +261,40 @@ class PixelLMTask(LightningModule):
         ids = ids.masked_fill(after_eos, eos)
         whole_groups, malformed = drop_malformed_groups(ids, self.codebook.token_ids, eos)
         targets = self.codebook.gather(states, whole_groups, strict=False)
-        masks = self.decode_masks(features, targets, batch)
+        logits = self.decode_masks(features, targets, batch)
+        answers = [self.tokenizer.decode(ids[b][~after_eos[b]].tolist()) for b in range(ids.shape[0])]
+        return Generation(answers, logits, targets.dropped_tokens + malformed)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:
+        """Generated answers (``generate_answers``).
+
+        Returns, per question: the answer text, (K, H, W) bool masks in text order and their logits,
+        and the count of codebook tokens ignored because they did not complete an in-order group
+        of L*N.
+        """
+        if is_empty_batch(batch):
+            return []
+        generation = self.generate_answers(batch)
         return [
             {
                 "question": batch["questions"][b],
-                "answer": self.tokenizer.decode(ids[b][~after_eos[b]].tolist()),
-                "masks": masks[b] > 0,
-                "dropped_codebook_tokens": int(targets.dropped_tokens[b] + malformed[b]),
+                "answer": generation.answers[b],
+                "masks": generation.logits[b] > 0,
+                "mask_logits": generation.logits[b],  # (K, H, W)
+                "dropped_codebook_tokens": int(generation.dropped_tokens[b]),
                 "meta": batch["meta"][b],
             }
-            for b in range(ids.shape[0])
+            for b in range(len(generation.answers))
         ]
+
+    @classmethod
+    def from_pretrained(
+        cls, directory: str, base_model: str | None = None, vision_model: str | None = None
+    ) -> PixelLMTask:
+        """Load a folder written by ``pixellm export`` (see ``pixellm.export.load_pretrained``)."""
+        from pixellm.export import load_pretrained  # late import: export imports this module
+
+        return load_pretrained(directory, base_model=base_model, vision_model=vision_model).task
 
     def configure_optimizers(self) -> dict:
         params = [p for p in self.parameters() if p.requires_grad]

@@ -107,3 +107,57 @@ def test_collator_pickles(tokenizer: PreTrainedTokenizerBase) -> None:
 def test_bad_mode_is_rejected(tokenizer: PreTrainedTokenizerBase) -> None:
     with pytest.raises(ValueError, match="collate mode"):
         MuseCollator(tokenizer, CODEBOOK, "plain", 64, mode="eval")  # type: ignore[arg-type]
+
+
+def _one_image_two_questions_and_a_chat() -> list[Sample]:
+    """Two questions about one image (1 and 3 targets, distinct masks) and a K=0 chat item."""
+    image = Image.new("RGB", (8, 6), (0, 0, 255))
+    masks = torch.zeros(3, 6, 8, dtype=torch.uint8)
+    for k in range(3):
+        masks[k, k, : k + 1] = 1  # mask k has k + 1 pixels in row k
+    return [
+        Sample(image, "segment the blue square.", "the blue square {seg}.", masks[1:2], {"question_index": 0}),
+        Sample(
+            image,
+            "segment every square.",
+            "the small square {seg}, the blue square {seg} and the large square {seg}.",
+            masks,
+            {"question_index": 1},
+        ),
+        Sample(
+            image,
+            "which shapes are blue?",
+            "the blue square.",
+            torch.zeros(0, 6, 8, dtype=torch.uint8),
+            {"question_index": 2},
+            history=[("segment the red circle.", "there is no red circle.")],
+        ),
+    ]
+
+
+def test_masks_stay_aligned_with_codebook_groups(tokenizer: PreTrainedTokenizerBase) -> None:
+    samples = _one_image_two_questions_and_a_chat()
+    batch = MuseCollator(tokenizer, CODEBOOK, "plain", 16)(samples)
+    codebook = torch.tensor(tokenizer.convert_tokens_to_ids(CODEBOOK))
+    assert torch.isin(batch["labels"], codebook).sum(1).tolist() == [6, 18, 0]
+    assert [m.sum(dim=(1, 2)).tolist() for m in batch["masks"]] == [[2.0], [1.0, 2.0, 3.0], []]
+    assert torch.equal(batch["masks"][1], samples[1].masks.float())
+    eos = tokenizer.eos_token_id
+    assert (batch["labels"][2] == eos).sum() == 2  # the history's answer is a target too
+
+
+def test_truncation_drops_masks_of_cut_targets_and_counts_them(tokenizer: PreTrainedTokenizerBase) -> None:
+    samples = _one_image_two_questions_and_a_chat()
+    full = MuseCollator(tokenizer, CODEBOOK, "plain", 16)(samples)
+    second = full["input_ids"][1].tolist()
+    first_group_end = second.index(tokenizer.convert_tokens_to_ids(CODEBOOK[-1])) + 1
+    collator = MuseCollator(tokenizer, CODEBOOK, "plain", 16, max_length=first_group_end + 3)
+    with pytest.warns(UserWarning, match=r"truncation so far: 2 of 3 samples cut, 2 targets dropped"):
+        batch = collator(samples)
+    assert batch["input_ids"].shape[1] <= first_group_end + 3
+    assert [m.shape[0] for m in batch["masks"]] == [1, 1, 0]
+    assert torch.equal(batch["masks"][1], samples[1].masks[:1].float())  # the first target kept
+    codebook = torch.tensor(tokenizer.convert_tokens_to_ids(CODEBOOK))
+    assert torch.isin(batch["labels"], codebook).sum(1).tolist() == [6, 6, 0]
+    generate = MuseCollator(tokenizer, CODEBOOK, "plain", 16, mode="generate", max_length=first_group_end + 3)
+    assert [m.shape[0] for m in generate(samples)["masks"]] == [1, 3, 0]  # evaluation keeps all

@@ -90,3 +90,30 @@ def test_hyperparameters_rebuild_the_shapes_module(tmp_path: Path) -> None:
     dm = ShapesDataModule(cache_dir=str(tmp_path), num_train_images=3, num_val_images=1)
     assert "train_json" not in dm.hparams
     assert ShapesDataModule(**dm.hparams).train_json == dm.train_json
+
+
+@pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")  # no GPU here
+def test_muse_module_options_reach_the_loaders(tmp_path: Path) -> None:
+    shapes = _module(tmp_path)
+    dm = MuseDataModule(
+        shapes.train_json,
+        shapes.val_json,
+        [str(tmp_path / "elsewhere"), shapes.image_root],  # roots tried in order
+        tokenizer="shapes",
+        template="plain",
+        batch_size=4,
+        pin_memory=True,
+        max_length=20,
+        image_length=4,
+    )
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    assert loader.pin_memory and loader.drop_last
+    assert loader.collate_fn.encoder.max_length == 20 and loader.collate_fn.encoder.image_length == 4
+    with pytest.warns(UserWarning, match="max_length=20 truncation so far"):
+        batch = next(iter(loader))
+    assert batch["input_ids"].shape[1] <= 20 - 3  # the image takes 4 of the 20 positions
+    codebook = torch.tensor(dm.tokenizer.convert_tokens_to_ids(codebook_token_strings(2, 3)))
+    assert torch.isin(batch["labels"], codebook).sum(1).tolist() == [6 * m.shape[0] for m in batch["masks"]]
+    with pytest.raises(ValueError, match="unknown conversation template"):
+        MuseDataModule(shapes.train_json, shapes.val_json, shapes.image_root, tokenizer="shapes", template="vicuna")

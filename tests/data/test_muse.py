@@ -177,3 +177,47 @@ def test_image_size_mismatch_is_reported(tmp_path: Path) -> None:
         dataset = MuseDataset(_write(tmp_path, [_record(height=7)]), tmp_path / "images")
     with pytest.raises(ValueError, match="record 0: field 'height/width'"):
         dataset[0]
+
+
+def test_image_roots_as_a_list_or_a_coco_split_mapping(tmp_path: Path) -> None:
+    old = _record(file_name="COCO_train2014_000000000001.png")
+    new = _record(coco_url="http://images.cocodataset.org/train2017/000000000002.png")
+    val = _record(coco_url="http://images.cocodataset.org/val2017/000000000003.png")
+    del new["file_name"], val["file_name"]
+    path = _write(tmp_path, [old, new, val])
+    for folder, name in [("train2014", "COCO_train2014_000000000001.png"), ("train2017", "000000000002.png"),
+                         ("val2017", "000000000003.png")]:
+        (tmp_path / "coco" / folder).mkdir(parents=True)
+        Image.new("RGB", (W, H)).save(tmp_path / "coco" / folder / name)
+    roots = {split: str(tmp_path / "coco" / split) for split in ("train2014", "train2017", "val2017")}
+    with pytest.warns(UserWarning):
+        by_split = MuseDataset(path, roots)
+    first_question = [0, 4, 8]  # 4 questions per record
+    assert [by_split[i].meta["file_name"] for i in first_question] == [
+        "COCO_train2014_000000000001.png", "000000000002.png", "000000000003.png"
+    ]
+    with pytest.warns(UserWarning):  # a list: each root in turn, coco_url also as split/basename
+        listed = MuseDataset(path, [str(tmp_path / "images"), str(tmp_path / "coco" / "train2014"), str(tmp_path / "coco")])
+    assert [listed[i].meta["file_name"] for i in first_question] == [
+        "COCO_train2014_000000000001.png", "train2017/000000000002.png", "val2017/000000000003.png"
+    ]
+    with pytest.raises(ValueError, match=r"record 2: field 'coco_url': no image folder for COCO split 'val2017'"):
+        MuseDataset(path, {"train2014": roots["train2014"], "train2017": roots["train2017"]})
+
+
+def test_parts_are_merged_like_pycocotools(tmp_path: Path) -> None:
+    left, corner = _known_masks()
+    crowd = _uncompressed_rle(left)  # crowd annotations are uncompressed RLE
+    parts = [_compressed_rle(corner), crowd]  # a list of RLE parts
+    polygons = [[0, 0, 2, 0, 2, 2, 0, 2], [5, 3, 7, 3, 7, 5], [1, 1, 2, 2]]  # the 2-point one is ignored
+    record = _record(
+        questions=["crowd?", "parts?", "polygons?"],
+        answers=[[{"segmentation": crowd}], [{"segmentation": parts}], [{"segmentation": polygons}]],
+        text_answers=["crowd {seg}.", "parts {seg}.", "polygons {seg}."],
+    )
+    dataset = MuseDataset(_write(tmp_path, [record]), tmp_path / "images")
+    expected_polygons = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polygons[:2], H, W)))
+    assert torch.equal(dataset[0].masks[0], torch.from_numpy(left))
+    assert torch.equal(dataset[1].masks[0], torch.from_numpy(left | corner))
+    assert torch.equal(dataset[2].masks[0], torch.from_numpy(expected_polygons))
+    assert expected_polygons[:2, :2].all() and expected_polygons[3:, 5:].any()  # both polygons drawn

@@ -2,23 +2,18 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 import torch
 from PIL import Image
 from transformers import PreTrainedTokenizerBase
 
-from pixellm.data.conversation import build_prompt, fill_answer
-from pixellm.data.muse import MuseDataset
+from pixellm.data.conversation import build_prompt
 from pixellm.data.preprocess import (
     DEFAULT_PIXEL_MEAN,
     DEFAULT_PIXEL_STD,
     IGNORE_INDEX,
     ImageTransform,
     TextEncoder,
-    drop_long_samples,
     resized_shape,
 )
 from pixellm.tokenizer import IMAGE_TOKEN, codebook_token_strings, load_tokenizer
@@ -50,15 +45,6 @@ def test_custom_normalisation_and_tall_image() -> None:
     assert torch.count_nonzero(pixels) == 0  # mean subtracted exactly, padding zero
 
 
-def test_templates() -> None:
-    assert build_prompt("plain", "q?") == f"USER: {IMAGE_TOKEN}\nq? ASSISTANT:"
-    assert build_prompt("llava_v1", "q?").startswith("A chat between a curious human")
-    assert build_prompt("llava_v1", "q?").endswith(f"questions. USER: {IMAGE_TOKEN}\nq? ASSISTANT:")
-    assert fill_answer("a {seg} and b {seg}.", ["[A]", "[B]"]) == "a [A] [B] and b [A] [B]."
-    with pytest.raises(ValueError, match="unknown conversation template"):
-        build_prompt("vicuna", "q")
-
-
 @pytest.mark.parametrize("template", ["plain", "llava_v1"])
 def test_labels_mask_exactly_bos_and_prompt(
     tokenizer: PreTrainedTokenizerBase, template: str
@@ -67,7 +53,7 @@ def test_labels_mask_exactly_bos_and_prompt(
     encoded = encoder.encode(
         "segment every circle.", "the small red circle {seg} and the large blue circle {seg}.", 2
     )
-    ids, labels, n = encoded.input_ids, encoded.labels, encoded.prompt_length
+    ids, labels, n = encoded.input_ids, encoded.labels, len(encoded.prompt_ids)
     prompt = tokenizer(build_prompt(template, "segment every circle."), add_special_tokens=False)[
         "input_ids"
     ]
@@ -87,33 +73,68 @@ def test_labels_mask_exactly_bos_and_prompt(
 def test_codebook_count_mismatch_is_an_error(tokenizer: PreTrainedTokenizerBase) -> None:
     encoder = TextEncoder(tokenizer, CODEBOOK, "plain")
     with pytest.raises(
-        ValueError, match="x.json record 3: .* has 6 codebook tokens, expected 2 targets x 6"
+        ValueError, match="x.json record 3: .* has 6 codebook tokens .* expected 2 targets x 6"
     ):
         encoder.encode("q", "a {seg}.", 2, where="x.json record 3")
     with pytest.raises(ValueError, match="must not contain"):
         encoder.encode(f"look {IMAGE_TOKEN}", "none.", 0)
 
 
-def test_long_samples_are_skipped_with_one_warning(
-    tmp_path: Path, tokenizer: PreTrainedTokenizerBase
+def _word_ids(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+    """Ids of space-separated words and tokens, one id each (hand-built, no tokenizer call)."""
+    return tokenizer.convert_tokens_to_ids(text.split())
+
+
+def test_truncation_cuts_before_a_codebook_group_and_drops_its_target(
+    tokenizer: PreTrainedTokenizerBase,
 ) -> None:
-    ann = {"segmentation": {"size": [2, 2], "counts": [0, 4]}, "rephrased_name": "the red circle"}
-    record = {
-        "file_name": "a.png",
-        "height": 2,
-        "width": 2,
-        "ann_list": [ann],
-        "questions": ["segment the red circle.", "segment every circle and every square."],
-        "answers": [[ann], [ann, ann, ann]],
-        "text_answers": [
-            "the red circle {seg}.",
-            "the red circle {seg}, the red circle {seg} and the red circle {seg}.",
-        ],
-    }
-    (tmp_path / "m.json").write_text(json.dumps([record]))
-    dataset = MuseDataset(tmp_path / "m.json", tmp_path)
+    seg = " ".join(CODEBOOK)
+    prompt = _word_ids(tokenizer, f"<s> USER : {IMAGE_TOKEN} segment every circle . ASSISTANT :")
+    answer = _word_ids(tokenizer, f"the red circle {seg} and the blue circle {seg} . </s>")
+    second_group = len(prompt) + 3 + 6 + 4  # "the red circle" + group 1 + "and the blue circle"
+    question, text = "segment every circle.", "the red circle {seg} and the blue circle {seg}."
+    full = TextEncoder(tokenizer, CODEBOOK, "plain").encode(question, text, 2)
+    assert full.input_ids == prompt + answer and full.num_targets == 2 and full.cut_tokens == 0
+    for limit in (second_group + 1, second_group + 5):  # inside the second group: cut before it
+        cut = TextEncoder(tokenizer, CODEBOOK, "plain", max_length=limit).encode(question, text, 2)
+        assert cut.input_ids == (prompt + answer)[:second_group]
+        assert cut.labels == [IGNORE_INDEX] * len(prompt) + answer[: second_group - len(prompt)]
+        assert (cut.num_targets, cut.dropped_targets) == (1, 1)
+        assert cut.prompt_ids == prompt  # the generation prompt is never cut
+    kept = TextEncoder(tokenizer, CODEBOOK, "plain", max_length=second_group + 6).encode(question, text, 2)
+    assert (kept.num_targets, kept.cut_tokens) == (2, 2)  # only " . </s>" cut: both groups whole
+    # 4 image positions: 3 fewer text ids fit, and the image token itself is never cut
+    image = TextEncoder(tokenizer, CODEBOOK, "plain", max_length=second_group + 6, image_length=4)
+    assert image.encode(question, text, 2).input_ids == (prompt + answer)[:second_group]
+    tiny = TextEncoder(tokenizer, CODEBOOK, "plain", max_length=5, image_length=4).encode(question, text, 2)
+    assert tiny.input_ids == prompt[:4] and tiny.num_targets == 0
+
+
+def test_history_turns_are_labelled_and_the_image_is_in_the_first(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
     encoder = TextEncoder(tokenizer, CODEBOOK, "plain")
-    short = len(encoder.encode(*dataset.text(0)).input_ids)
-    with pytest.warns(UserWarning, match="skipped 1 of 2 samples"):
-        kept = drop_long_samples(dataset, encoder, max_length=short)
-    assert list(kept.indices) == [0]
+    history = [("segment the red circle.", "there is no red circle."), ("which shapes are blue?", "the blue square.")]
+    encoded = encoder.encode("segment it.", "the blue square {seg}.", 1, history=history)
+    eos = tokenizer.eos_token_id
+    turns = [
+        (f"<s> USER : {IMAGE_TOKEN} segment the red circle . ASSISTANT :", "there is no red circle . </s>"),
+        ("USER : which shapes are blue ? ASSISTANT :", "the blue square . </s>"),
+        ("USER : segment it . ASSISTANT :", f"the blue square {' '.join(CODEBOOK)} . </s>"),
+    ]
+    ids, labels = [], []
+    for prompt, answer in turns:
+        ids += _word_ids(tokenizer, prompt) + _word_ids(tokenizer, answer)
+        labels += [IGNORE_INDEX] * len(_word_ids(tokenizer, prompt)) + _word_ids(tokenizer, answer)
+    assert encoded.input_ids == ids and encoded.labels == labels
+    assert encoded.input_ids.count(eos) == 3 and encoded.prompt_ids == ids[: len(ids) - 11]  # "the blue square" + 6 + ". </s>"
+    with pytest.raises(ValueError, match="expected 1 targets x 6 in the answer"):
+        encoder.encode("q", "the blue square {seg}.", 1, history=[("q", "[SEG0] [SEG1]")])
+
+
+def test_llama_2_opens_every_turn_with_bos(tokenizer: PreTrainedTokenizerBase) -> None:
+    encoded = TextEncoder(tokenizer, CODEBOOK, "llama_2").encode("q", "a.", 0, history=[("q", "a.")])
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    ids = encoded.input_ids
+    assert ids.count(bos) == 2 and ids[0] == bos and ids[ids.index(eos) + 1] == bos
+    assert [encoded.labels[i] for i, t in enumerate(ids) if t in (bos, eos)] == [IGNORE_INDEX, eos, IGNORE_INDEX, eos]

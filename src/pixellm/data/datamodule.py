@@ -1,22 +1,19 @@
-"""LightningDataModules: any MUSE-format dataset, and the generated shapes dataset."""
+"""LightningDataModules: the shared collate/loader settings, any MUSE-format dataset, and the
+generated shapes dataset."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning import LightningDataModule
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pixellm.data.collate import CollateMode, MuseCollator
-from pixellm.data.muse import MuseDataset
-from pixellm.data.preprocess import (
-    DEFAULT_PIXEL_MEAN,
-    DEFAULT_PIXEL_STD,
-    TextEncoder,
-    drop_long_samples,
-)
+from pixellm.data.muse import ImageRoot, MuseDataset
+from pixellm.data.preprocess import DEFAULT_PIXEL_MEAN, DEFAULT_PIXEL_STD
 from pixellm.data.shapes import ensure_shapes_dataset, shapes_dataset_dir
 from pixellm.data.splits import EvalMode, EvalSplit
 from pixellm.reliability.resumable_loader import EpochShuffleSampler, ResumableDataLoader
@@ -26,38 +23,35 @@ from pixellm.tokenizer import codebook_token_strings, load_tokenizer
 CACHE_ENV = "PIXELLM_CACHE"
 
 
-class MuseDataModule(LightningDataModule):
-    """Train/val/predict loaders over MUSE-format JSON files.
+class SampleDataModule(LightningDataModule):
+    """What every pixellm data module shares: tokenizer, text and image preprocessing, loaders.
+
+    Subclasses build the datasets (of ``pixellm.data.sample.Sample``) and choose the samplers.
 
     Args:
-        train_json: MUSE JSON of the training split.
-        val_json: MUSE JSON of the validation split (also used for prediction).
-        test_json: MUSE JSON of the test split for ``pixellm test`` (e.g. ``muse_test_less.json``).
-        image_root: Folder the records' ``file_name`` / ``coco_url`` basenames are relative to.
         tokenizer: ``"shapes"`` or a local tokenizer directory (see ``load_tokenizer``).
         num_scales: L, visual scales of the segmentation codebook.
         tokens_per_scale: N, codebook tokens per scale.
-        image_size: Side of the square model input in pixels.
-        pixel_mean: RGB mean in 0-255 units.
+        image_size: Side of the square model input in pixels (release: 448).
+        pixel_mean: RGB mean in 0-255 units (release: ImageNet/SAM's).
         pixel_std: RGB standard deviation in 0-255 units.
-        template: Conversation template, "llava_v1" or "plain".
-        max_length: Longest token sequence kept (the image token counts once); longer samples
-            are skipped, never truncated.
-        batch_size: Training batch size.
-        val_batch_size: Validation/prediction batch size (default: ``batch_size``).
+        template: Conversation template, "llava_v1", "llama_2" or "plain".
+        max_length: Longest training sequence in LLM positions (release ``model_max_length``:
+            512); longer ones are cut at the end, dropping the masks of targets whose codebook
+            tokens are cut (see ``TextEncoder``).
+        image_length: LLM positions the image occupies (release: 256 image tokens); 1 counts it
+            as one token.
+        batch_size: Training batch size (questions per step per device).
+        val_batch_size: Validation/test/prediction batch size (default: ``batch_size``).
         num_workers: DataLoader worker processes.
-        seed: Seed of the training shuffle.
-        eval_mode: How val and test are evaluated: "teacher_forced" or "generate" (see
-            ``EvalSplit``).
+        pin_memory: Page-locked batches for faster host-to-GPU copies (default: when CUDA is
+            available).
+        seed: Seed of the training order.
     """
 
     def __init__(
         self,
-        train_json: str,
-        val_json: str,
-        image_root: str,
         tokenizer: str,
-        test_json: str | None = None,
         num_scales: int = 2,
         tokens_per_scale: int = 3,
         image_size: int = 448,
@@ -65,42 +59,24 @@ class MuseDataModule(LightningDataModule):
         pixel_std: tuple[float, float, float] = DEFAULT_PIXEL_STD,
         template: str = "llava_v1",
         max_length: int = 512,
+        image_length: int = 1,
         batch_size: int = 2,
         val_batch_size: int | None = None,
         num_workers: int = 0,
+        pin_memory: bool | None = None,
         seed: int = 0,
-        eval_mode: EvalMode = "teacher_forced",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.train_json, self.val_json, self.image_root = train_json, val_json, image_root
-        self.test_json = test_json
         self.codebook_tokens = codebook_token_strings(num_scales, tokens_per_scale)
         self.tokenizer = load_tokenizer(tokenizer, self.codebook_tokens)
-        self.image_size, self.template, self.max_length = image_size, template, max_length
+        self.image_size, self.template = image_size, template
+        self.max_length, self.image_length = max_length, image_length
         self.pixel_mean, self.pixel_std = tuple(pixel_mean), tuple(pixel_std)
         self.batch_size = batch_size
         self.val_batch_size = batch_size if val_batch_size is None else val_batch_size
         self.num_workers, self.seed = num_workers, seed
-        self.eval_mode = EvalSplit("val", eval_mode).mode
-        self.train_set: Dataset | None = None
-        self.val_set: Dataset | None = None
-        self.test_set: Dataset | None = None
-
-    def _load(self, json_path: str) -> Dataset:
-        encoder = TextEncoder(self.tokenizer, self.codebook_tokens, self.template)
-        return drop_long_samples(MuseDataset(json_path, self.image_root), encoder, self.max_length)
-
-    def setup(self, stage: str | None = None) -> None:
-        """Read the JSON files needed by ``stage`` (all of them when None)."""
-        if stage in (None, "fit") and self.train_set is None:
-            self.train_set = self._load(self.train_json)
-        if stage in (None, "fit", "validate", "predict") and self.val_set is None:
-            self.val_set = self._load(self.val_json)
-        if stage in (None, "test") and self.test_set is None:
-            if self.test_json is None:
-                raise ValueError(f"{type(self).__name__}: `pixellm test` needs data.init_args.test_json")
-            self.test_set = self._load(self.test_json)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.collator("train")  # fail at construction on a bad template or tokenizer
 
     def collator(self, mode: CollateMode) -> MuseCollator:
         """The collate function for ``mode`` ("train" or "generate")."""
@@ -112,32 +88,90 @@ class MuseDataModule(LightningDataModule):
             self.pixel_mean,
             self.pixel_std,
             mode,
+            self.max_length,
+            self.image_length,
         )
 
-    def _loader(
-        self, dataset: Dataset | None, batch_size: int, mode: CollateMode, shuffle: bool
+    def loader(
+        self,
+        dataset: Dataset | None,
+        batch_size: int,
+        mode: CollateMode,
+        shuffle: bool = False,
+        sampler: Sampler[int] | None = None,
     ) -> DataLoader:
+        """A DataLoader over ``dataset`` collated in ``mode``; ``shuffle`` is seeded by ``seed``
+        and drops the last incomplete batch, ``sampler`` (if given) fixes the order instead.
+
+        Raises:
+            RuntimeError: If ``dataset`` is None (``setup`` was not called).
+        """
         if dataset is None:
             raise RuntimeError("call setup() before asking for a dataloader")
         # bad samples are skipped and counted (pixellm.reliability.skipping); the shuffled order
         # is a function of (seed, epoch) and resumes mid-epoch (reliability.resumable_loader)
-        sampler = EpochShuffleSampler(len(dataset), self.seed) if shuffle else None
+        if shuffle and sampler is None:
+            sampler = EpochShuffleSampler(len(dataset), self.seed)
         generator = torch.Generator().manual_seed(self.seed) if shuffle else None
         return ResumableDataLoader(
             SkipBadSamples(dataset),
             batch_size=batch_size,
             sampler=sampler,
-            drop_last=shuffle,
+            drop_last=shuffle or sampler is not None,
             generator=generator,
             num_workers=self.num_workers,
             collate_fn=SkipFilteringCollate(self.collator(mode)),
-            pin_memory=torch.cuda.is_available(),
+            pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 
+
+class MuseDataModule(SampleDataModule):
+    """Train/val/test/predict loaders over MUSE-format JSON files.
+
+    Args:
+        train_json: MUSE JSON of the training split.
+        val_json: MUSE JSON of the validation split (also used for prediction).
+        image_root: Where images are found (see ``MuseDataset``): one folder, a list of folders,
+            or a mapping from COCO split (``train2014``, ``train2017``, ``val2017``) to folder.
+        test_json: MUSE JSON of the test split for ``pixellm test`` (e.g. ``muse_test_less.json``).
+        eval_mode: How val and test are evaluated: "teacher_forced" or "generate" (see
+            ``EvalSplit``).
+        kwargs: The arguments of ``SampleDataModule`` (``tokenizer``, ``image_size``, ...).
+    """
+
+    def __init__(
+        self,
+        train_json: str,
+        val_json: str,
+        image_root: ImageRoot,
+        test_json: str | None = None,
+        eval_mode: EvalMode = "teacher_forced",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.save_hyperparameters()
+        self.train_json, self.val_json, self.image_root = train_json, val_json, image_root
+        self.test_json = test_json
+        self.eval_mode = EvalSplit("val", eval_mode).mode
+        self.train_set: Dataset | None = None
+        self.val_set: Dataset | None = None
+        self.test_set: Dataset | None = None
+
+    def setup(self, stage: str | None = None) -> None:
+        """Read the JSON files needed by ``stage`` (all of them when None)."""
+        if stage in (None, "fit") and self.train_set is None:
+            self.train_set = MuseDataset(self.train_json, self.image_root)
+        if stage in (None, "fit", "validate", "predict") and self.val_set is None:
+            self.val_set = MuseDataset(self.val_json, self.image_root)
+        if stage in (None, "test") and self.test_set is None:
+            if self.test_json is None:
+                raise ValueError(f"{type(self).__name__}: `pixellm test` needs data.init_args.test_json")
+            self.test_set = MuseDataset(self.test_json, self.image_root)
+
     def train_dataloader(self) -> DataLoader:
         """Shuffled (seeded) teacher-forced batches; the last incomplete batch is dropped."""
-        return self._loader(self.train_set, self.batch_size, "train", shuffle=True)
+        return self.loader(self.train_set, self.batch_size, "train", shuffle=True)
 
     def eval_splits(self, stage: str) -> list[EvalSplit]:
         """One split per dataloader of ``stage`` ("val" or "test"), in dataloader order."""
@@ -146,16 +180,16 @@ class MuseDataModule(LightningDataModule):
     def val_dataloader(self) -> DataLoader:
         """Validation batches in file order, collated for ``eval_mode``."""
         mode = self.eval_splits("val")[0].collate_mode
-        return self._loader(self.val_set, self.val_batch_size, mode, shuffle=False)
+        return self.loader(self.val_set, self.val_batch_size, mode)
 
     def test_dataloader(self) -> DataLoader:
         """Test batches in file order, collated for ``eval_mode``."""
         mode = self.eval_splits("test")[0].collate_mode
-        return self._loader(self.test_set, self.val_batch_size, mode, shuffle=False)
+        return self.loader(self.test_set, self.val_batch_size, mode)
 
     def predict_dataloader(self) -> DataLoader:
         """Validation set in generate mode: prompts only, left-padded, no labels."""
-        return self._loader(self.val_set, self.val_batch_size, "generate", shuffle=False)
+        return self.loader(self.val_set, self.val_batch_size, "generate")
 
 
 def default_cache_dir() -> str:
@@ -190,9 +224,11 @@ class ShapesDataModule(MuseDataModule):
         pixel_std: tuple[float, float, float] = DEFAULT_PIXEL_STD,
         template: str = "plain",
         max_length: int = 512,
+        image_length: int = 1,
         batch_size: int = 2,
         val_batch_size: int | None = None,
         num_workers: int = 0,
+        pin_memory: bool | None = None,
         seed: int = 0,
         eval_mode: EvalMode = "teacher_forced",
     ) -> None:
@@ -216,9 +252,11 @@ class ShapesDataModule(MuseDataModule):
             pixel_std=pixel_std,
             template=template,
             max_length=max_length,
+            image_length=image_length,
             batch_size=batch_size,
             val_batch_size=val_batch_size,
             num_workers=num_workers,
+            pin_memory=pin_memory,
             seed=seed,
             eval_mode=eval_mode,
         )

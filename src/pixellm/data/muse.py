@@ -1,17 +1,20 @@
 """Reader of MUSE-format JSON (the real MUSE release and the generated shapes dataset alike).
 
-A file is a JSON list of records, one per image: ``file_name`` (or ``coco_url``), ``height``,
-``width``, ``ann_list``, ``questions``, ``answers`` (per question, the annotation dicts it refers
-to,
-in text order) and optional ``text_answers`` (per question, text whose ``{seg}`` placeholders match
-``answers[q]`` one to one). Records whose ``text_answers`` are missing or have the wrong number of
-placeholders get an answer built from the annotations' names; one summary warning counts them.
+A file is a JSON list of records, one per image: ``file_name`` (a COCO train2014 image) or
+``coco_url`` (train2017/val2017), ``height``, ``width``, ``ann_list`` (``bbox`` xywh,
+``category_id`` (LVIS), ``category_name``, ``rephrased_name``, ``segmentation``), ``questions``,
+``answers`` (per question, the annotation dicts it refers to, in text order) and optional
+``text_answers`` (per question, text whose ``{seg}`` placeholders match ``answers[q]`` one to one).
+Records whose ``text_answers`` are missing or have the wrong number of placeholders (known defects
+of the released files) get an answer built from the annotations' names; one summary warning
+counts them.
 """
 
 from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -26,6 +29,8 @@ from pixellm.data.sample import Sample
 from pixellm.data.segmentation import decode_segmentation
 
 REQUIRED_FIELDS = ("height", "width", "questions", "answers")
+FILE_NAME_SPLIT = "train2014"  # MUSE records with `file_name` are COCO train2014 images
+ImageRoot = str | list[str] | dict[str, str]  # one folder, folders to try, or split -> folder
 ARTICLES = ("the ", "a ", "an ")
 EMPTY_FALLBACK_ANSWER = "there is no such object."
 
@@ -68,22 +73,24 @@ class MuseDataset(Dataset[Sample]):
 
     Args:
         json_path: The MUSE JSON file.
-        image_root: Folder that ``file_name`` (or the basename of ``coco_url``) is relative to.
-            Paths are kept strictly inside it.
+        image_root: Where the images are, kept strictly inside: one folder or a list of folders
+            (tried in order) that ``file_name``, ``coco_url``'s basename or its
+            ``split/basename`` are relative to; or a mapping from COCO split to folder, e.g.
+            ``{"train2014": ..., "train2017": ..., "val2017": ...}``: ``file_name`` records are
+            looked up under ``train2014`` (MUSE's convention), ``coco_url`` records under the
+            URL's folder name, by basename.
 
     Attributes:
         num_fallback_answers: How many questions got an answer built from annotation names.
 
     Raises:
-        DataError: On a file that is not UTF-8 JSON, a missing or ill-typed field, a
-            ``file_name`` escaping the root or an annotation id repeated within one answer,
-            naming file, record and field. ``__getitem__`` raises it for an unreadable image or
-            segmentation (``pixellm.reliability.skipping`` skips and counts such samples).
+        ValueError: On invalid JSON, a missing/ill-typed field, or a record whose split has no
+            folder in the mapping, naming file, record and field.
     """
 
-    def __init__(self, json_path: str | Path, image_root: str | Path) -> None:
+    def __init__(self, json_path: str | Path, image_root: ImageRoot | Path) -> None:
         self.json_path = Path(json_path)
-        self.image_root = Path(image_root)
+        self.image_root = image_root
         try:
             records = json.loads(self.json_path.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as err:
@@ -99,7 +106,7 @@ class MuseDataset(Dataset[Sample]):
         self.records: list[dict[str, Any]] = records
         self.items: list[tuple[int, int]] = []
         self.answers: list[str] = []
-        self.image_paths: list[list[str]] = []
+        self.image_paths: list[list[tuple[Path, str]]] = []
         self.num_fallback_answers = 0
         for index, record in enumerate(records):
             self._add_record(index, record)
@@ -120,19 +127,34 @@ class MuseDataset(Dataset[Sample]):
             hint=hint or "fix or remove the record",
         )
 
-    def _relative_paths(self, index: int, record: dict[str, Any]) -> list[str]:
-        """Candidate image paths under the root: ``file_name``, or ``coco_url``'s basename then
-        its ``split/basename``; absolute paths and ``..`` are rejected."""
+    def _candidates(self, index: int, record: dict[str, Any]) -> list[tuple[Path, str]]:
+        """(root, relative path) pairs to try for the record's image, in order; absolute paths
+        and ``..`` are rejected."""
         if "file_name" in record:
-            field, candidates = "file_name", [str(record["file_name"])]
+            field, split = "file_name", FILE_NAME_SPLIT
+            relative = [str(record["file_name"])]
         elif "coco_url" in record:
             url = PurePosixPath(str(record["coco_url"]).split("://")[-1])
-            field, candidates = "coco_url", [url.name, f"{url.parent.name}/{url.name}"]
+            field, split = "coco_url", url.parent.name
+            relative = [url.name, f"{split}/{url.name}"]
         else:
             raise self._error(index, "file_name", "missing (and no 'coco_url' either)")
-        for candidate in candidates:
+        if isinstance(self.image_root, Mapping):
+            if split not in self.image_root:
+                raise self._error(
+                    index, field, f"no image folder for COCO split {split!r}; image_root has {sorted(self.image_root)}"
+                )
+            roots, relative = [Path(self.image_root[split])], relative[:1]
+        elif isinstance(self.image_root, (str, Path)):
+            roots = [Path(self.image_root)]
+        elif isinstance(self.image_root, Sequence):
+            roots = [Path(r) for r in self.image_root]
+        else:
+            raise TypeError(f"image_root must be a folder, a list or a mapping, got {type(self.image_root).__name__}")
+        candidates = [(root, name) for root in roots for name in relative]
+        for root, name in candidates:
             try:
-                confined_path(self.image_root, candidate)
+                confined_path(root, name)
             except DataError as err:
                 raise self._error(index, field, err.problem) from err
         return candidates
@@ -168,7 +190,7 @@ class MuseDataset(Dataset[Sample]):
         texts = record.get("text_answers")
         if texts is not None and (not isinstance(texts, list) or len(texts) != len(questions)):
             texts = None
-        self.image_paths.append(self._relative_paths(index, record))
+        self.image_paths.append(self._candidates(index, record))
         for q, targets in enumerate(answers):
             text = texts[q] if texts is not None else None
             if not isinstance(text, str) or text.count(SEG_PLACEHOLDER) != len(targets):
@@ -189,23 +211,23 @@ class MuseDataset(Dataset[Sample]):
             len(self.records[index]["answers"][q]),
         )
 
-    def _image_path(self, index: int) -> Path:
-        candidates = [confined_path(self.image_root, c) for c in self.image_paths[index]]
-        for path in candidates:
+    def _image_path(self, index: int) -> tuple[Path, str]:
+        """The image file of record ``index`` and its path relative to its root."""
+        tried = []
+        for root, name in self.image_paths[index]:
+            path = confined_path(root, name)
             if path.is_file():
-                return path
+                return path, name
+            tried.append(str(path))
         raise self._error(
-            index,
-            "file_name",
-            f"image not found; tried {[str(p) for p in candidates]}",
-            "check data.init_args.image_root",
+            index, "file_name", f"image not found; tried {tried}", "check data.init_args.image_root"
         )
 
     def __getitem__(self, i: int) -> Sample:
         index, q = self.items[i]
         record = self.records[index]
         height, width = int(record["height"]), int(record["width"])
-        path = self._image_path(index)
+        path, relative = self._image_path(index)
         try:
             image = open_rgb(path)
         except DataError as err:
@@ -238,7 +260,7 @@ class MuseDataset(Dataset[Sample]):
             "json": str(self.json_path),
             "record_index": index,
             "question_index": q,
-            "file_name": str(path.relative_to(self.image_root)),
+            "file_name": relative,
             "targets": [target_description(a, m) for a, m in zip(record["answers"][q], masks, strict=True)],
         }
         return Sample(

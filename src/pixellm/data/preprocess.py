@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import transformers
 from PIL import Image
-from torch.utils.data import Subset
 
-from pixellm.data.conversation import build_prompt, fill_answer
+from pixellm.data.conversation import fill_answer, get_template, turn_prompts
 from pixellm.data.errors import DataError
-from pixellm.data.muse import MuseDataset
 from pixellm.tokenizer import IMAGE_TOKEN
 
 IGNORE_INDEX = -100
@@ -72,32 +70,46 @@ def neutralize_tokens(text: str, tokens: list[str]) -> str:
 
 @dataclass(frozen=True)
 class EncodedText:
-    """Token ids of one conversation: ``[bos] + prompt + answer + [eos]``.
+    """Token ids of one conversation: ``[bos] + turn prompts and answers, each answer + [eos]``.
 
     Attributes:
-        input_ids: The whole sequence.
-        labels: ``IGNORE_INDEX`` on bos and prompt, the ids on answer and eos.
-        prompt_length: Length of ``[bos] + prompt``; the generation prompt is
-            ``input_ids[:prompt_length]``.
-        answer: The answer text with codebook tokens in place of ``{seg}``.
+        input_ids: The whole sequence, truncated to the encoder's ``max_length``.
+        labels: The ids on every answer and its eos (the history's included), ``IGNORE_INDEX``
+            elsewhere (bos, prompts).
+        prompt_ids: ``input_ids`` up to the final answer, never truncated: the generation prompt.
+        answer: The final answer text with codebook tokens in place of ``{seg}``.
+        num_targets: Targets whose codebook tokens are all in ``input_ids``: the first
+            ``num_targets`` masks of the sample belong to this sequence.
+        dropped_targets: Targets cut away by truncation (their masks must be dropped too).
+        cut_tokens: Ids removed by truncation.
     """
 
     input_ids: list[int]
     labels: list[int]
-    prompt_length: int
+    prompt_ids: list[int]
     answer: str
+    num_targets: int
+    dropped_targets: int = 0
+    cut_tokens: int = 0
 
 
 class TextEncoder:
-    """Tokenise (question, answer) pairs with a conversation template.
+    """Tokenise conversations with a template; labels on the answers only.
 
-    Prompt and answer are tokenised separately without special tokens, so the generation prompt
-    is exactly the training prefix; codebook tokens are part of the labels.
+    Prompts and answers are tokenised separately without special tokens, so the generation prompt
+    is exactly the training prefix; codebook tokens are part of the labels. Sequences longer than
+    ``max_length`` are cut at the end (as the release does), but never inside a target's group of
+    codebook tokens: the cut moves back to the start of that group, and the group's target is
+    reported as dropped so its mask is dropped with it.
 
     Args:
         tokenizer: A tokenizer from ``load_tokenizer`` (image and codebook tokens added).
         codebook_tokens: The L·N codebook token strings, written once per target.
-        template: Conversation template name ("llava_v1" or "plain").
+        template: Conversation template name (see ``pixellm.data.conversation.TEMPLATES``).
+        max_length: Longest sequence in LLM positions (release ``model_max_length``: 512), or None
+            for no limit.
+        image_length: LLM positions the one image token expands to (release: 256, so 512 - 255
+            text tokens fit); 1 counts the image as one token.
     """
 
     def __init__(
@@ -105,95 +117,106 @@ class TextEncoder:
         tokenizer: transformers.PreTrainedTokenizerBase,
         codebook_tokens: list[str],
         template: str,
+        max_length: int | None = None,
+        image_length: int = 1,
     ) -> None:
         if tokenizer.eos_token_id is None:
             raise ValueError(
                 "the tokenizer has no eos token; set eos_token in its tokenizer_config.json"
             )
-        build_prompt(template, "")  # fail early on an unknown template name
+        if image_length < 1 or (max_length is not None and max_length < image_length + 1):
+            raise ValueError(
+                f"need image_length >= 1 and max_length > image_length, got {image_length} and {max_length}"
+            )
+        self.template = get_template(template)  # fails early on an unknown template name
+        self.template_name = template
         self.tokenizer = tokenizer
         self.codebook_tokens = list(codebook_tokens)
         self.codebook_ids = set(tokenizer.convert_tokens_to_ids(self.codebook_tokens))
         self.image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        self.template = template
+        self.max_length, self.image_length = max_length, image_length
         self.bos = [] if tokenizer.bos_token_id is None else [tokenizer.bos_token_id]
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def encode(self, question: str, answer: str, num_targets: int, where: str = "") -> EncodedText:
+    def encode(
+        self,
+        question: str,
+        answer: str,
+        num_targets: int,
+        where: str = "",
+        history: Sequence[tuple[str, str]] = (),
+    ) -> EncodedText:
         """Tokenise one sample.
 
         Args:
-            question: The question text.
-            answer: The answer with one ``{seg}`` per target.
+            question: The final question.
+            answer: The final answer with one ``{seg}`` per target.
             num_targets: K, the number of target masks.
             where: Text naming the sample in error messages (file, record, question).
+            history: Earlier (question, answer) turns, text only, oldest first.
 
-        Codebook token strings typed in the question are neutralised (see ``neutralize_tokens``).
+        Codebook token strings typed in the questions are neutralised (see ``neutralize_tokens``).
 
         Raises:
-            DataError: If the question is empty or not valid Unicode, the answer's codebook tokens
-                are not K·L·N or the image token is not there exactly once.
+            DataError: If the question is empty, a text is not valid Unicode, the answer's
+                codebook tokens are not K·L·N, the history's answers hold codebook tokens, or the
+                image token is not there exactly once.
         """
         if not question.strip():
             raise DataError(f"{where}: the question is empty")
+        texts = [question, answer, *(t for turn in history for t in turn)]
         try:
-            question.encode("utf-8"), answer.encode("utf-8")
+            for text in texts:
+                text.encode("utf-8")
         except UnicodeEncodeError as err:
             raise DataError(f"{where}: text holds an invalid character ({err.reason})") from err
-        question = neutralize_tokens(question, self.codebook_tokens)
+        questions = [neutralize_tokens(q, self.codebook_tokens) for q, _ in history]
+        questions.append(neutralize_tokens(question, self.codebook_tokens))
         try:
-            prompt_ids = self.bos + self._ids(build_prompt(self.template, question))
+            prompts = turn_prompts(self.template_name, questions)
         except ValueError as err:
             raise DataError(f"{where}: {err}") from err
         filled = fill_answer(answer, self.codebook_tokens)
-        answer_ids = self._ids(filled) + [self.tokenizer.eos_token_id]
-        found = sum(i in self.codebook_ids for i in answer_ids)
-        if found != num_targets * len(self.codebook_tokens):
+        answers = [a for _, a in history] + [filled]
+        ids: list[int] = []
+        labels: list[int] = []
+        for turn, (prompt, text) in enumerate(zip(prompts, answers, strict=True)):
+            opening = self.bos if turn == 0 or self.template.bos_each_turn else []
+            prompt_ids = opening + self._ids(prompt)
+            answer_ids = self._ids(text) + [self.tokenizer.eos_token_id]
+            ids += prompt_ids + answer_ids
+            labels += [IGNORE_INDEX] * len(prompt_ids) + answer_ids
+        prompt_length = len(ids) - len(answer_ids)
+        codebook_positions = [p for p, i in enumerate(ids) if i in self.codebook_ids]
+        expected = num_targets * len(self.codebook_tokens)
+        if len(codebook_positions) != expected or (expected and codebook_positions[0] < prompt_length):
             raise DataError(
-                f"{where}: answer {answer!r} has {found} codebook tokens, expected "
-                f"{num_targets} targets x {len(self.codebook_tokens)}"
+                f"{where}: answer {answer!r} has {len(codebook_positions)} codebook tokens in the "
+                f"conversation, expected {num_targets} targets x {len(self.codebook_tokens)} in the answer"
             )
-        if prompt_ids.count(self.image_id) != 1 or self.image_id in answer_ids:
+        if ids.count(self.image_id) != 1:
             raise DataError(f"{where}: the sequence must hold exactly one {IMAGE_TOKEN!r}")
+        cut, kept = self._cut(ids, codebook_positions)
         return EncodedText(
-            input_ids=prompt_ids + answer_ids,
-            labels=[IGNORE_INDEX] * len(prompt_ids) + answer_ids,
-            prompt_length=len(prompt_ids),
+            input_ids=ids[:cut],
+            labels=labels[:cut],
+            prompt_ids=ids[:prompt_length],
             answer=filled,
+            num_targets=kept,
+            dropped_targets=num_targets - kept,
+            cut_tokens=len(ids) - cut,
         )
 
-
-def drop_long_samples(dataset: MuseDataset, encoder: TextEncoder, max_length: int) -> Subset:
-    """Keep the samples whose whole sequence fits ``max_length`` tokens (the image counts as one).
-
-    Long samples are skipped, never truncated (that could cut codebook tokens away), and so are
-    samples whose text ``encoder`` refuses (``DataError``: empty question, codebook count unlike
-    the targets, ...); one summary warning counts each kind and quotes the first refusal.
-    """
-    keep, refused = [], []
-    for i in range(len(dataset)):
-        question, answer, k = dataset.text(i)
-        record, q = dataset.items[i]
-        where = f"{dataset.json_path}: record {record} question {q}"
-        try:
-            length = len(encoder.encode(question, answer, k, where=where).input_ids)
-        except DataError as err:
-            refused.append(str(err))
-            continue
-        if length <= max_length:
-            keep.append(i)
-    if len(keep) + len(refused) < len(dataset):
-        warnings.warn(
-            f"{dataset.json_path}: skipped {len(dataset) - len(keep) - len(refused)} of "
-            f"{len(dataset)} samples longer than max_length={max_length} tokens",
-            stacklevel=2,
-        )
-    if refused:
-        warnings.warn(
-            f"{dataset.json_path}: skipped {len(refused)} of {len(dataset)} samples whose text "
-            f"cannot be encoded; first: {refused[0]}",
-            stacklevel=2,
-        )
-    return Subset(dataset, keep)
+    def _cut(self, ids: list[int], codebook_positions: list[int]) -> tuple[int, int]:
+        """Where to cut ``ids`` and how many whole codebook groups stay before the cut."""
+        group = len(self.codebook_tokens)
+        num_groups = len(codebook_positions) // group
+        if self.max_length is None or len(ids) + self.image_length - 1 <= self.max_length:
+            return len(ids), num_groups
+        cut = max(self.max_length - self.image_length + 1, ids.index(self.image_id) + 1)
+        kept = sum(codebook_positions[(g + 1) * group - 1] < cut for g in range(num_groups))
+        if kept < num_groups:
+            cut = min(cut, codebook_positions[kept * group])
+        return cut, kept

@@ -4,12 +4,15 @@ pycocotools trusts its input: a malformed RLE string decodes to a mask of anothe
 and huge polygon coordinates overflow. So every form is validated in Python first and any problem
 is a :class:`~pixellm.data.errors.DataError` (the caller adds file, record and field). Decisions:
 
-- polygons need >= 3 points of finite numbers; a point more than ``POLYGON_MARGIN`` pixels outside
-  the image is an error (the annotation was drawn on another image size), a point just outside is
-  clipped by the rasteriser;
-- an RLE's ``size`` must be the image's ``[height, width]`` and its runs must cover it exactly;
-- crowd annotations (``iscrowd: 1``, uncompressed RLE) decode like any other region;
-- a segmentation that decodes to an empty mask is an error: its target could never be learnt.
+- polygons are lists of finite numbers in (x, y) pairs; those with fewer than 3 points are ignored
+  (pycocotools would read a 2-point polygon as a box); a point more than ``POLYGON_MARGIN``
+  pixels outside the image is an error (the annotation was drawn on another image size), a point
+  just outside is clipped by the rasteriser;
+- an RLE's ``size`` must be the image's ``[height, width]`` and its runs must cover it exactly; a
+  list of RLEs is their union; crowd annotations (``iscrowd: 1``, uncompressed RLE) decode like
+  any other region;
+- a segmentation that decodes to an empty mask is an error (its target could never be learnt),
+  unless the caller allows it (COCO-style loaders keep empty masks, as the release does).
 """
 
 from __future__ import annotations
@@ -32,16 +35,14 @@ def _is_number(value: Any) -> bool:
 
 def _check_polygons(segmentation: list, height: int, width: int) -> list[list[float]]:
     """The polygons as lists of floats, checked (see the module docstring)."""
-    if not segmentation:
-        raise DataError("empty segmentation (no polygon)")
     polygons = []
     for p, polygon in enumerate(segmentation):
         if not isinstance(polygon, list) or not all(_is_number(v) for v in polygon):
             raise DataError(f"polygon {p} is not a list of finite numbers")
-        if len(polygon) % 2 or len(polygon) < 6:
-            raise DataError(
-                f"polygon {p} has {len(polygon)} coordinates; a polygon needs >= 3 (x, y) points"
-            )
+        if len(polygon) % 2:
+            raise DataError(f"polygon {p} has an odd number ({len(polygon)}) of coordinates")
+        if len(polygon) < 6:
+            continue  # fewer than 3 points: no area
         xs, ys = polygon[0::2], polygon[1::2]
         if (
             min(xs) < -POLYGON_MARGIN
@@ -123,27 +124,38 @@ def _check_rle(segmentation: dict, height: int, width: int) -> dict[str, Any]:
     return mask_utils.frPyObjects({"size": [height, width], "counts": runs}, height, width)
 
 
-def decode_segmentation(segmentation: Any, height: int, width: int) -> np.ndarray:
-    """Decode a COCO segmentation (polygons, compressed or uncompressed RLE) to (H, W) uint8.
+def decode_segmentation(
+    segmentation: Any, height: int, width: int, allow_empty: bool = False
+) -> np.ndarray:
+    """Decode a COCO segmentation (polygons, one RLE or a list of RLEs) to (H, W) uint8 in {0, 1}.
 
     Args:
-        segmentation: A list of polygons ``[[x0, y0, x1, y1, ...], ...]`` or an RLE dict
-            ``{"size": [H, W], "counts": str | list[int]}``.
+        segmentation: A list of polygons ``[[x0, y0, x1, y1, ...], ...]``, an RLE dict
+            ``{"size": [H, W], "counts": str | list[int]}`` or a list of RLE dicts (merged).
         height: H of the image.
         width: W of the image.
+        allow_empty: Return an all-zero mask for a segmentation without area instead of raising.
 
     Raises:
-        DataError: If the segmentation is malformed, of another size or empty (see the module
-            docstring); the caller adds file, record and field.
+        DataError: If the segmentation is malformed, of another size or (unless ``allow_empty``)
+            empty (see the module docstring); the caller adds file, record and field.
     """
     if isinstance(segmentation, dict):
-        rle = _check_rle(segmentation, height, width)
+        parts = [_check_rle(segmentation, height, width)]
+    elif isinstance(segmentation, list) and segmentation and all(isinstance(p, dict) for p in segmentation):
+        parts = [_check_rle(p, height, width) for p in segmentation]
     elif isinstance(segmentation, list):
         polygons = _check_polygons(segmentation, height, width)
-        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+        parts = mask_utils.frPyObjects(polygons, height, width) if polygons else []
     else:
         raise DataError(f"unknown segmentation of type {type(segmentation).__name__}")
-    mask = mask_utils.decode(rle).astype(np.uint8)  # (H, W)
-    if not mask.any():
-        raise DataError("the segmentation decodes to an empty mask")
+    mask = (
+        mask_utils.decode(mask_utils.merge(parts)).astype(np.uint8)
+        if parts
+        else np.zeros((height, width), np.uint8)
+    )  # (H, W)
+    if not allow_empty and not mask.any():
+        raise DataError(
+            "the segmentation has no area (no polygon with >= 3 points, or an empty mask)"
+        )
     return mask

@@ -70,6 +70,8 @@ class LlavaLMM(nn.Module):
         vision_channels: channels of the vision features fed to the projector (with ``text_config``).
         image_pool_size: side of the image-token grid after bilinear pooling (official: 32x32 -> 16), or
             ``None`` to keep the encoder grid.
+        projector_hidden_size: hidden width of the projector p_V->T, ``None`` for LLaVA's (= H); the
+            released PixelLM uses 2H (Linear(C, 2H) -> GELU -> Linear(2H, H)).
         lora: LoRA settings, or ``None`` to train the whole language model.
         gradient_checkpointing: recompute LLM activations in the backward pass to save memory.
         attn_implementation: attention kernel of the LLM (``"sdpa"`` or ``"eager"``).
@@ -82,6 +84,7 @@ class LlavaLMM(nn.Module):
         text_config: dict | None = None,
         vision_channels: int = 1024,
         image_pool_size: int | None = None,
+        projector_hidden_size: int | None = None,
         lora: LoraSettings | None = None,
         gradient_checkpointing: bool = False,
         attn_implementation: str = "sdpa",
@@ -104,6 +107,10 @@ class LlavaLMM(nn.Module):
             config._attn_implementation = attn_implementation
             llava = LlavaForConditionalGeneration(config)
         llava.model.vision_tower = None  # replaced by pixellm.model.vision
+        if projector_hidden_size is not None:
+            projector = llava.model.multi_modal_projector
+            projector.linear_1 = nn.Linear(projector.linear_1.in_features, projector_hidden_size)
+            projector.linear_2 = nn.Linear(projector_hidden_size, projector.linear_2.out_features)
         self.llava = llava
         self.image_pool_size = image_pool_size
         self.lora = lora

@@ -1,0 +1,77 @@
+"""Small helpers shared by the dataset readers: JSON files, confined images, seeded choices."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from pixellm.data.images import confined_path, open_rgb
+
+
+def read_json(path: str | Path, encodings: tuple[str, ...] = ("utf-8",)) -> Any:
+    """Parse a JSON file, trying ``encodings`` in order.
+
+    Raises:
+        FileNotFoundError: If ``path`` is not a file.
+        ValueError: If no encoding decodes it or it is not valid JSON (names the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: file not found")
+    raw = path.read_bytes()
+    for encoding in encodings:
+        try:
+            text = raw.decode(encoding)
+        except UnicodeDecodeError:
+            continue
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: invalid JSON: {err}") from err
+    raise ValueError(f"{path}: not decodable as any of {list(encodings)}")
+
+
+def open_image(
+    root: str | Path, relative: str, where: str, size: tuple[int, int] | None = None
+) -> Image.Image:
+    """Open ``root / relative`` as RGB, refusing paths that leave ``root``.
+
+    Args:
+        root: The image root folder.
+        relative: Path of the image under ``root``.
+        where: Text naming the record in error messages (file, record, field).
+        size: Expected (height, width), checked when given.
+
+    Raises:
+        ValueError: If the path escapes ``root`` or the image has another size (names ``where``).
+        FileNotFoundError: If the image is missing (names ``where`` and the path).
+    """
+    try:
+        path = confined_path(root, relative)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
+    try:
+        image = open_rgb(path)
+    except FileNotFoundError as err:
+        raise FileNotFoundError(f"{where}: {err}") from err
+    if size is not None and (image.height, image.width) != tuple(size):
+        raise ValueError(
+            f"{where}: annotations are {size[0]}x{size[1]} but {path} is "
+            f"{image.height}x{image.width} (height x width)"
+        )
+    return image
+
+
+def seeded_rng(seed: int, *keys: int) -> np.random.Generator:
+    """A generator fixed by ``seed`` and ``keys`` (e.g. the item index): the same in every worker.
+
+    Raises:
+        ValueError: If the seed or a key is negative.
+    """
+    if seed < 0 or any(k < 0 for k in keys):
+        raise ValueError(f"seed and keys must be >= 0, got seed={seed} keys={keys}")
+    return np.random.default_rng([seed, *keys])

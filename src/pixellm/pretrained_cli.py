@@ -1,0 +1,60 @@
+"""``pixellm fit|validate|test|predict --config DATA.yaml --model DIR``: LightningCLI on an exported folder.
+
+The folder's ``config.json`` gives the model section (its components override those of the
+configs), and its weights are loaded, strictly, once LightningCLI has built the task and before it
+runs: validate or test a released/converted model, or fine-tune from it, on any data config.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from lightning import LightningDataModule
+from lightning.pytorch.cli import LightningCLI
+
+from pixellm.export import CONFIG_NAME, folder_model_config, load_folder_weights
+from pixellm.main import CLI_SETUP
+from pixellm.task import PixelLMTask
+
+
+def model_folder(args: list[str]) -> tuple[Path, int] | None:
+    """(folder, index of its argument) when ``--model`` names an exported folder, else None."""
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if arg.startswith("--model=") else None
+        if arg == "--model" and i + 1 < len(args):
+            value = args[i + 1]
+        if value is not None and (Path(value) / CONFIG_NAME).is_file():
+            return Path(value), i
+    return None
+
+
+class PretrainedFolderCLI(LightningCLI):
+    """LightningCLI whose model is built from an exported folder and loaded with its weights.
+
+    Args:
+        folder: the exported folder.
+        model_config: its resolved ``model`` section (see ``folder_model_config``).
+        args: the command line, ``--model DIR`` replaced by ``model_config``.
+    """
+
+    def __init__(self, folder: Path, model_config: dict, args: list[str]) -> None:
+        self.folder = folder
+        self.folder_config = model_config
+        super().__init__(PixelLMTask, LightningDataModule, **CLI_SETUP, args=args)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        load_folder_weights(self.model, self.folder, self.folder_config)
+
+
+def run_on_folder(args: list[str]) -> LightningCLI | None:
+    """Run LightningCLI with ``--model DIR`` resolved, or return None when no folder is named."""
+    found = model_folder(args)
+    if found is None:
+        return None
+    folder, index = found
+    _, model_config = folder_model_config(folder)
+    width = 1 if args[index].startswith("--model=") else 2
+    rest = args[:index] + args[index + width :]
+    return PretrainedFolderCLI(folder, model_config, [*rest, "--model", json.dumps(model_config)])
