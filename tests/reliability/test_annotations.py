@@ -75,7 +75,13 @@ def test_record_that_is_not_an_object(tmp_path: Path) -> None:
 
 def test_polygon_with_fewer_than_three_points(tmp_path: Path) -> None:
     message = _item_error(tmp_path, [[1, 1, 4, 4]])
-    assert "muse.json: record 0: field 'answers[0][0].segmentation': polygon 0 has 4 coordinates" in message
+    assert (
+        "muse.json: record 0: field 'answers[0][0].segmentation': the segmentation has no area "
+        "(no polygon with >= 3 points" in message
+    )
+    assert "polygon 0 has an odd number (5) of coordinates" in _item_error(tmp_path, [[1, 1, 4, 4, 2]])
+    with_a_sliver = decode_segmentation([[1, 1, 4, 4], *square_polygon(1, 1, 4, 4)], H, W)
+    assert np.array_equal(with_a_sliver, decode_segmentation(square_polygon(1, 1, 4, 4), H, W))
 
 
 def test_polygon_out_of_bounds_is_an_error_but_a_pixel_over_is_clipped(tmp_path: Path) -> None:
@@ -94,8 +100,8 @@ def test_polygon_with_non_numbers(tmp_path: Path) -> None:
 @pytest.mark.parametrize("segmentation", [[], {"size": [H, W], "counts": [H * W]}])
 def test_empty_segmentation(tmp_path: Path, segmentation: Any) -> None:
     message = _item_error(tmp_path, segmentation)
-    assert "field 'answers[0][0].segmentation'" in message
-    assert ("empty segmentation" in message) or ("decodes to an empty mask" in message)
+    assert "field 'answers[0][0].segmentation': the segmentation has no area" in message
+    assert decode_segmentation(segmentation, H, W, allow_empty=True).tolist() == [[0] * W] * H
 
 
 @pytest.mark.parametrize(

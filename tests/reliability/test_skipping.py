@@ -129,7 +129,7 @@ def test_datamodule_loaders_skip_and_count_a_bad_image(tmp_path: Path) -> None:
     path = write_dataset(tmp_path, records, images)
     (tmp_path / "images" / "3.png").write_bytes(b"broken")
     data = MuseDataModule(
-        str(path), str(path), str(tmp_path / "images"), "shapes",
+        str(path), str(path), str(tmp_path / "images"), tokenizer="shapes",
         image_size=32, template="plain", batch_size=3, val_batch_size=3,
     )
     data.setup("fit")
@@ -150,7 +150,7 @@ def test_fit_skips_a_bad_image_and_reports_or_stops(tmp_path: Path, tiny_config,
     (tmp_path / "images" / "5.png").write_bytes(b"\x89PNG broken")
     task, _ = build(tiny_config)
     data = MuseDataModule(
-        str(path), str(path), str(tmp_path / "images"), "shapes",
+        str(path), str(path), str(tmp_path / "images"), tokenizer="shapes",
         image_size=32, template="plain", batch_size=4, val_batch_size=4,
     )
 

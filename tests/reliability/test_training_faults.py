@@ -38,7 +38,7 @@ def test_task_skips_nan_steps_and_empty_batches(tiny_config, build, monkeypatch)
     batch = next(iter(data.train_dataloader()))
     empty = {"meta": [], "skipped": [SkippedSample(0, "bad")]}
     assert task.training_step(empty, 0) is None
-    assert task.validation_step(empty, 0) is None and task.predict_step(empty, 0) == []
+    assert task.validation_step(empty, 0) == [] and task.predict_step(empty, 0) == []
     nan_terms = {"loss": torch.tensor(float("nan")), "ce": torch.tensor(1.0)}
     monkeypatch.setattr(task.loss, "forward", lambda ce, masks, truth: nan_terms)
     with pytest.warns(UserWarning, match="step skipped"):
