@@ -9,9 +9,9 @@ import pytest
 from muse_files import record, write_dataset
 from transformers import PreTrainedTokenizerBase
 
+from pixellm.data.collate import MuseCollator
 from pixellm.data.errors import DataError
 from pixellm.data.muse import MuseDataset
-from pixellm.data.collate import MuseCollator
 from pixellm.data.preprocess import TextEncoder, neutralize_tokens
 from pixellm.reliability.skipping import SkipFilteringCollate
 from pixellm.tokenizer import IMAGE_TOKEN, codebook_token_strings, load_tokenizer
