@@ -166,3 +166,20 @@ def test_fit_skips_a_bad_image_and_reports_or_stops(tmp_path: Path, tiny_config,
         assert fit(SkippedSamplesReport(max_skipped_fraction=0.2)).global_step == 2
     with pytest.raises(SkipLimitExceeded, match=r"skipped 1 of \d samples"):
         fit(SkippedSamplesReport(max_skipped_fraction=0.1))
+
+
+class NamedCollate:
+    """A collate function with an attribute (module level, so it pickles)."""
+
+    mode = "train"
+
+    def __call__(self, samples: list[Sample]) -> dict[str, Any]:
+        return collate(samples)
+
+
+def test_the_wrapper_shows_the_collate_functions_attributes_and_pickles() -> None:
+    import pickle
+
+    wrapped = SkipFilteringCollate(NamedCollate())
+    assert wrapped.mode == "train"
+    assert pickle.loads(pickle.dumps(wrapped)).mode == "train"

@@ -87,6 +87,12 @@ class SkipFilteringCollate:
         self.collate = collate
         self.warned = False
 
+    def __getattr__(self, name: str) -> Any:
+        """The wrapped collate function's attributes (``encoder``, ``mode``, ...)."""
+        if name == "collate":  # not set yet (unpickling in a worker)
+            raise AttributeError(name)
+        return getattr(self.collate, name)
+
     def _refused(self, samples: list[Sample]) -> tuple[list[Sample], list[SkippedSample]]:
         """Split ``samples`` into those ``collate`` accepts alone and those it refuses."""
         kept, refused = [], []
