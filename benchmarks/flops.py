@@ -127,7 +127,7 @@ class SamMaskDecoder(nn.Module):
 
     def forward(self, image: Tensor, prompts: Tensor) -> Tensor:
         """image (1, D, 64, 64) embeddings, prompts (K, D) -> (K, 4, 256, 256) mask logits."""
-        k, (_, d, h, w) = prompts.shape[0], image.shape
+        k, (h, w) = prompts.shape[0], image.shape[-2:]
         tokens = torch.cat([self.tokens.expand(k, -1, -1), prompts[:, None]], dim=1)  # (K, 6, D)
         pe = self.positional_encoding(h, w)  # (D, h, w)
         tokens, image = self.transformer(image.expand(k, -1, -1, -1), pe, tokens)
