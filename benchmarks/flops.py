@@ -85,8 +85,34 @@ def llm_flops(lmm: LlavaLMM, image_embeds: Tensor, text_tokens: int, answer_toke
     return count(run)
 
 
+def pixellm_parts(
+    vision: CLIPVisionEncoder,
+    lmm: LlavaLMM,
+    codebook: SegmentationCodebook,
+    projection: VisionDecoderProjection,
+    decoder: CascadedPixelDecoder,
+    text_tokens: int,
+    answer_tokens: int,
+    targets: int,
+) -> dict[str, int]:
+    """Per-part forward FLOPs of one sample through PixelLM parts built on the meta device."""
+    size = vision.image_size
+    parts = {}
+    parts["vision encoder"], features = count(lambda: vision(meta(1, 3, size, size)))  # L x (1, C, h, w)
+    image_flops, image_embeds = count(lambda: lmm.embed_image(features[0]))  # (1, P, H)
+    llm, states = llm_flops(lmm, image_embeds, text_tokens, answer_tokens)
+    parts["LLM (+ p_V->T, LM head)"] = image_flops + llm
+    group = (codebook.num_scales, codebook.tokens_per_scale)
+    code_states = states[0, : targets * codebook.group_size].reshape(targets, *group, -1)  # (K, L, N, H)
+    parts["codebook + fusion"], queries = count(lambda: codebook(code_states))  # (K, L, D)
+    parts["p_V->D projection"], maps = count(lambda: [projection(f) for f in features])  # L x (1, D, h, w)
+    batch_index = torch.zeros(targets, dtype=torch.long, device="meta")
+    parts["pixel decoder"], _ = count(lambda: decoder(maps, queries, batch_index))  # (K, 2^L h, 2^L w)
+    return parts
+
+
 def pixellm(size: str, text_tokens: int, answer_tokens: int, targets: int) -> dict[str, int]:
-    """Per-part FLOPs of one PixelLM sample."""
+    """Per-part FLOPs of one PixelLM-7B/13B sample."""
     with torch.device("meta"):
         vision = CLIPVisionEncoder(config=CLIP_L14, image_size=448, feature_layers=[-2, -11])
         lmm = build_llm(size, vision_channels=1024, image_pool_size=16)
@@ -95,17 +121,7 @@ def pixellm(size: str, text_tokens: int, answer_tokens: int, targets: int) -> di
         projection = VisionDecoderProjection(in_channels=1024, out_channels=SAM_DIM, mlp_dim=2 * hidden,
                                              embed_dim=hidden)
         decoder = CascadedPixelDecoder(num_scales=2, dim=SAM_DIM)
-    parts = {}
-    parts["vision encoder"], features = count(lambda: vision(meta(1, 3, 448, 448)))  # 2 x (1, 1024, 32, 32)
-    image_flops, image_embeds = count(lambda: lmm.embed_image(features[0]))  # (1, 256, H)
-    llm, states = llm_flops(lmm, image_embeds, text_tokens, answer_tokens)
-    parts["LLM (+ p_V->T, LM head)"] = image_flops + llm
-    code_states = states[0, : targets * codebook.group_size].reshape(targets, 2, 3, hidden)  # (K, L, N, H)
-    parts["codebook + fusion"], queries = count(lambda: codebook(code_states))  # (K, L, D)
-    parts["p_V->D projection"], maps = count(lambda: [projection(f) for f in features])  # 2 x (1, D, 32, 32)
-    batch_index = torch.zeros(targets, dtype=torch.long, device="meta")
-    parts["pixel decoder"], _ = count(lambda: decoder(maps, queries, batch_index))  # (K, 128, 128)
-    return parts
+    return pixellm_parts(vision, lmm, codebook, projection, decoder, text_tokens, answer_tokens, targets)
 
 
 class SamMaskDecoder(nn.Module):
