@@ -8,7 +8,7 @@ memory is the highest running sum of the profiler's allocation events during a s
 gradients, optimizer state; the weights allocated before are not counted).
 
 Prints each part's share of the step (forward + backward), samples/s, and peak memory.
-Run: python benchmarks/step.py [--steps 5]
+Run: python benchmarks/step.py [--steps 5] [pixellm CLI overrides, e.g. --data.init_args.batch_size=8]
 """
 
 from __future__ import annotations
@@ -120,12 +120,11 @@ def peak_memory(prof: profile) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=5, help="profiled steps (after 2 warm-up steps)")
-    parser.add_argument("overrides", nargs="*", help="extra CLI overrides, e.g. --model.init_args...")
-    args = parser.parse_args()
+    args, overrides = parser.parse_known_args()  # the rest: CLI overrides, e.g. --data.init_args.batch_size=8
     os.environ.setdefault("PIXELLM_CACHE", tempfile.mkdtemp(prefix="pixellm-bench-"))
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    task, batch = build(args.overrides)
+    task, batch = build(overrides)
     task.train()
     optimizer = task.optimizer_factory([p for p in task.parameters() if p.requires_grad])
     label_parts(task)
