@@ -254,3 +254,23 @@ def test_a_subclass_without_forward_cannot_be_instantiated() -> None:
 
     with pytest.raises(TypeError, match="abstract"):
         Incomplete(num_scales=1, dim=DIM)
+
+
+def test_postprocess_of_a_batch_equals_each_image_alone_with_gradients() -> None:
+    # three images of one size (one call) and one of another, targets interleaved across images
+    torch.manual_seed(0)
+    logits = torch.randn(6, 4, 4, requires_grad=True)
+    batch_index = torch.tensor([2, 0, 0, 3, 2, 1])
+    resized = torch.tensor([[3, 4], [3, 4], [3, 4], [4, 2]])
+    original = torch.tensor([[6, 8], [6, 8], [6, 8], [5, 3]])
+    decoder = _decoder()
+    masks = decoder.postprocess(logits, batch_index, 8, resized, original)
+    weights = [torch.randn_like(m) for m in masks]
+    grad = torch.autograd.grad(sum((m * w).sum() for m, w in zip(masks, weights, strict=True)), logits)[0]
+    expected_grad = torch.zeros_like(logits)
+    for b in range(4):
+        mine = (batch_index == b).nonzero().flatten()
+        alone = decoder.postprocess(logits[mine], torch.zeros_like(mine), 8, resized[b : b + 1], original[b : b + 1])
+        torch.testing.assert_close(masks[b], alone[0])
+        expected_grad += torch.autograd.grad((alone[0] * weights[b]).sum(), logits)[0]
+    torch.testing.assert_close(grad, expected_grad)

@@ -101,3 +101,31 @@ def test_questions_without_targets_keep_the_graph():
 def test_mismatched_counts_raise():
     with pytest.raises(ValueError, match="text order"):
         PixelLMLoss()(torch.tensor(0.0), [LOGITS], [TARGETS[:1]])
+
+
+def test_overlap_weights_of_several_questions_at_once_are_each_questions_map():
+    # question 0 = the two masks of LOGITS (overlap at (0,0)); question 1 = one mask, never overlapping
+    single = torch.tensor([[[3.0, 3.0], [3.0, 3.0]]])
+    owner = torch.tensor([0, 0, 1])
+    weights = overlap_weights(torch.cat([LOGITS, single]), alpha=2.0, owner=owner)
+    assert weights.tolist() == [[[2.0, 1.0], [1.0, 1.0]]] * 2 + [[[1.0, 1.0], [1.0, 1.0]]]
+
+
+def test_batched_mask_terms_equal_the_per_question_terms_with_gradients():
+    # questions of two sizes, one without masks, ignore pixels: one call == each question alone
+    torch.manual_seed(0)
+    shapes = [(2, 3, 4), (1, 3, 4), (0, 5, 5), (3, 5, 5), (1, 3, 4)]
+    logits = [torch.randn(*s, requires_grad=True) for s in shapes]
+    targets = [torch.randint(0, 2, s).float() for s in shapes]
+    targets[0][0, 0, :2] = 255
+    loss = PixelLMLoss(bce_weight=1.0, alpha=3.0)
+    batched = loss.mask_terms(logits, targets)
+    grads = torch.autograd.grad(sum(batched.values()), logits, materialize_grads=True)
+    per_question = [loss.mask_terms([x], [t]) for x, t in zip(logits, targets, strict=True) if x.shape[0]]
+    counts = torch.tensor([float(s[0]) for s in shapes if s[0]])
+    for name in ("bce", "dice", "refinement"):
+        expected = sum(c * terms[name] for c, terms in zip(counts, per_question, strict=True)) / counts.sum()
+        assert batched[name].item() == pytest.approx(expected.item(), rel=1e-6)
+    expected = sum(sum(terms.values()) * c for c, terms in zip(counts, per_question, strict=True)) / counts.sum()
+    for got, want in zip(grads, torch.autograd.grad(expected, logits, materialize_grads=True), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)

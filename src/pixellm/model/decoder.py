@@ -6,6 +6,7 @@ and resize to the original images) is shared.
 
 import abc
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 
 import torch
@@ -85,6 +86,9 @@ class PixelDecoder(nn.Module, abc.ABC):
     ) -> list[Tensor]:
         """Map decoder logits back onto each original image.
 
+        Images that share their resized and original sizes (all of them, for a square dataset) are cropped
+        and resized together, in one call per distinct size.
+
         Args:
             logits: (T, H_out, W_out) output of `forward`.
             batch_index: (T,) long, which image each target belongs to.
@@ -95,14 +99,22 @@ class PixelDecoder(nn.Module, abc.ABC):
         Returns:
             B tensors (K_b, H_b, W_b) of logits; the targets of image b in text order (K_b may be 0).
         """
-        logits = _resize(logits[:, None], (input_size, input_size))  # (T, 1, S, S)
-        masks = []
-        for b, ((h, w), (height, width)) in enumerate(
-            zip(resized_sizes.tolist(), original_sizes.tolist(), strict=True)
-        ):
-            crop = logits[batch_index == b, :, :h, :w]  # (K_b, 1, h, w)
-            masks.append(_resize(crop, (height, width))[:, 0])  # (K_b, H_b, W_b)
-        return masks
+        num_images = len(resized_sizes)
+        order = torch.argsort(batch_index, stable=True)  # targets grouped by image, text order kept
+        counts = torch.bincount(batch_index, minlength=num_images).tolist()  # K_b
+        logits = _resize(logits[order, None], (input_size, input_size))  # (T, 1, S, S)
+        per_image = logits.split(counts)  # B x (K_b, 1, S, S)
+        # images with the same resized and original sizes are cropped and resized in one call
+        same_sizes: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        for b, sizes in enumerate(torch.cat([resized_sizes, original_sizes], dim=1).tolist()):
+            same_sizes[tuple(sizes)].append(b)
+        masks: dict[int, Tensor] = {}
+        for (h, w, height, width), images in same_sizes.items():
+            group = logits if len(images) == num_images else torch.cat([per_image[b] for b in images])
+            resized = _resize(group[:, :, :h, :w], (height, width))[:, 0]  # (K_group, H_b, W_b)
+            for b, mask in zip(images, resized.split([counts[b] for b in images]), strict=True):
+                masks[b] = mask  # (K_b, H_b, W_b)
+        return [masks[b] for b in range(num_images)]
 
 
 class FourierPositionalEncoding(nn.Module):

@@ -278,14 +278,17 @@ class LlavaLMM(nn.Module):
     def generate(
         self, inputs: MultimodalInputs, max_new_tokens: int, eos_token_id: int
     ) -> tuple[Tensor, Tensor]:
-        """Greedy decoding with a KV cache.
+        """Greedy decoding with a KV cache: one prefill over the prompt, then one token per step.
+
+        A batch without padding runs with no attention mask at all (plain causal attention): transformers
+        then neither grows nor inspects a mask at every step (an all-ones check that is a host sync on GPU).
 
         Returns:
             ids: (B, n) generated ids, ``eos_token_id`` repeated after a row has finished;
             states: (B, n, H) the last-layer state that emitted each generated id.
         """
         cache = DynamicCache(config=self.language_model.config)
-        mask = inputs.attention_mask
+        mask = None if bool(inputs.attention_mask.all()) else inputs.attention_mask  # (B, S') or None
         out = self.language_model(
             inputs_embeds=inputs.inputs_embeds,
             attention_mask=mask,
@@ -305,7 +308,8 @@ class LlavaLMM(nn.Module):
             finished |= token == eos_token_id
             if bool(finished.all()):
                 break
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            if mask is not None:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             position = position + 1
             out = self.language_model(
                 inputs_embeds=self.embed_tokens(token[:, None]),

@@ -11,22 +11,31 @@ BCE, so ``bce_weight`` is 0 by default and ``refinement_weight`` carries the rel
 
 from __future__ import annotations
 
+from collections import defaultdict
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-def overlap_weights(logits: Tensor, alpha: float) -> Tensor:
-    """The map A of Sec. 3.2: alpha where two or more predicted masks are on (logit > 0), else 1.
+def overlap_weights(logits: Tensor, alpha: float, owner: Tensor | None = None) -> Tensor:
+    """The map A of Sec. 3.2: alpha where two or more predicted masks of a question are on (logit > 0), else 1.
 
     Args:
-        logits: (K, H, W) mask logits of one question.
+        logits: (K, H, W) mask logits.
+        alpha: the weight of overlapping pixels.
+        owner: (K,) long, the question of each mask, for masks of several questions at once; ``None``
+            when all K masks belong to one question.
 
     Returns:
-        (H, W) weights, detached.
+        Detached weights: (H, W) when ``owner`` is None, else (K, H, W), each mask with its question's map.
     """
-    on = (logits.detach() > 0).sum(0)  # (H, W)
-    return torch.where(on >= 2, alpha, 1.0).to(logits.dtype)
+    on = (logits.detach() > 0).to(logits.dtype)  # (K, H, W)
+    if owner is None:
+        return torch.where(on.sum(0) >= 2, alpha, 1.0).to(logits.dtype)  # (H, W)
+    questions = int(owner.max()) + 1
+    count = on.new_zeros(questions, *on.shape[1:]).index_add_(0, owner, on)  # (Q, H, W)
+    return torch.where(count >= 2, alpha, 1.0).to(logits.dtype)[owner]  # (K, H, W)
 
 
 def bce_per_mask(logits: Tensor, targets: Tensor, valid: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -34,7 +43,7 @@ def bce_per_mask(logits: Tensor, targets: Tensor, valid: Tensor, weights: Tensor
 
     Args:
         logits: (K, H, W); targets: (K, H, W) in {0, 1}; valid: (K, H, W) bool;
-        weights: (H, W) or None.
+        weights: (H, W) or (K, H, W), or None.
 
     Returns:
         (K,) losses.
@@ -97,19 +106,30 @@ class PixelLMLoss(nn.Module):
     def mask_terms(self, logits: list[Tensor], targets: list[Tensor]) -> dict[str, Tensor]:
         """Per-term mask losses averaged over all masks of the batch.
 
+        Questions whose masks share a size (every question, on a square dataset) are computed together:
+        their masks are concatenated and each term runs once per distinct size.
+
         Args:
             logits: per question, (K_b, H_b, W_b) predicted logits in text order.
             targets: per question, (K_b, H_b, W_b) ground truth in {0, 1, ignore_index}.
         """
-        sums = {name: [] for name in ("bce", "dice", "refinement") if self.weights[name]}
+        names = [name for name in ("bce", "dice", "refinement") if self.weights[name]]
+        same_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for question, (pred, truth) in enumerate(zip(logits, targets, strict=True)):
             if pred.shape != truth.shape:
                 raise ValueError(
                     f"question {question}: {tuple(pred.shape)} predicted masks vs "
                     f"{tuple(truth.shape)} ground-truth masks; they pair in text order"
                 )
-            if pred.shape[0] == 0:
-                continue
+            if pred.shape[0]:
+                same_size[tuple(pred.shape[1:])].append(question)
+        if not same_size:  # no mask in the batch: zeros that keep the graph
+            anchor = sum(pred.sum() for pred in logits) * 0.0
+            return {name: anchor for name in names}
+        sums = {name: [] for name in names}
+        for questions in same_size.values():
+            pred = torch.cat([logits[q] for q in questions])  # (M, H, W)
+            truth = torch.cat([targets[q] for q in questions])
             valid = truth != self.ignore_index
             truth = truth.to(pred.dtype) * valid
             if "bce" in sums:
@@ -117,11 +137,10 @@ class PixelLMLoss(nn.Module):
             if "dice" in sums:
                 sums["dice"].append(dice_per_mask(pred, truth, valid, self.dice_scale, self.dice_eps))
             if "refinement" in sums:
-                weights = overlap_weights(pred, self.alpha)
+                masks_per_question = torch.tensor([logits[q].shape[0] for q in questions], device=pred.device)
+                owner = torch.repeat_interleave(masks_per_question)  # (M,) question of each mask
+                weights = overlap_weights(pred, self.alpha, owner)  # (M, H, W)
                 sums["refinement"].append(bce_per_mask(pred, truth, valid, weights))
-        if not any(pred.shape[0] for pred in logits):  # no mask in the batch: zeros that keep the graph
-            anchor = sum(pred.sum() for pred in logits) * 0.0
-            return {name: anchor for name in sums}
         return {name: torch.cat(values).mean() for name, values in sums.items()}
 
     def forward(self, ce: Tensor, logits: list[Tensor], targets: list[Tensor]) -> dict[str, Tensor]:

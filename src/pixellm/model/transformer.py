@@ -29,11 +29,13 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor) -> Tensor:
-        """Normalise `x` of shape (B, C, H, W) over C; returns the same shape."""
-        mean = x.mean(dim=1, keepdim=True)  # (B, 1, H, W)
-        var = (x - mean).pow(2).mean(dim=1, keepdim=True)  # (B, 1, H, W)
-        x = (x - mean) * torch.rsqrt(var + self.eps)
-        return x * self.weight[:, None, None] + self.bias[:, None, None]
+        """Normalise `x` of shape (B, C, H, W) over C; returns the same shape.
+
+        One fused `layer_norm` kernel on the channels-last view (biased variance, as SAM's LayerNorm2d).
+        """
+        channels_last = x.permute(0, 2, 3, 1)  # (B, H, W, C)
+        out = F.layer_norm(channels_last, (x.shape[1],), self.weight, self.bias, self.eps)
+        return out.permute(0, 3, 1, 2)  # (B, C, H, W)
 
 
 class MLP(nn.Module):
