@@ -11,6 +11,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from trained_tiny import OTHER_QUESTION, QUESTION, random_image
 
+from pixellm.data.images import open_rgb
 from pixellm.export import load_pretrained
 from pixellm.inference.answer import number_targets
 from pixellm.inference.commands import read_jsonl
@@ -59,7 +60,7 @@ def test_predict_writes_answer_masks_overlay_and_rle_for_every_image(exported_ti
     assert [r["folder"] for r in records] == [str(out / s) for s in ("a_rgb", "b_gray", "c_rgba")]
     for record, name in zip(records, ("a_rgb", "b_gray", "c_rgba"), strict=True):
         folder = out / name
-        image = Image.open(three_images / f"{name}.png").convert("RGB")
+        image = open_rgb(three_images / f"{name}.png")  # as predict reads it (RGBA over the mean colour)
         assert (folder / "answer.txt").read_text() == f"Q: {QUESTION}\nA: the circle [1] and the square [2].\n"
         saved = json.loads((folder / "masks.json").read_text())
         assert saved == {k: v for k, v in record.items() if k != "folder"}
