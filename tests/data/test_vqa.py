@@ -8,6 +8,7 @@ import pytest
 import torch
 from coco_fixtures import write_image, write_json
 
+from pixellm.data.errors import DataError
 from pixellm.data.vqa import VQADataset
 
 
@@ -106,3 +107,13 @@ def test_a_batch_without_any_mask_trains_the_tiny_model(llava: Path, train_step)
     samples = [data[0], data[1], data[1]]
     assert sum(s.masks.shape[0] for s in samples) == 0
     train_step(samples)  # the loss keeps a graph with no mask in the batch (CE only)
+
+
+def test_a_missing_or_broken_image_is_a_skippable_data_error(llava: Path) -> None:
+    dataset = _dataset(llava)
+    (llava.parent / "train2017" / "000000000001.jpg").unlink()
+    (llava.parent / "train2017" / "000000000002.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(DataError, match=r"000000000001\.jpg: image not found"):
+        dataset[0]
+    with pytest.raises(DataError, match=r"000000000002\.jpg: not a readable image"):
+        dataset[1]

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from pixellm.data.errors import DataError
 from pixellm.data.images import confined_path, open_rgb
 
 
@@ -47,21 +48,20 @@ def open_image(
         size: Expected (height, width), checked when given.
 
     Raises:
-        ValueError: If the path escapes ``root`` or the image has another size (names ``where``).
-        FileNotFoundError: If the image is missing (names ``where`` and the path).
+        DataError: If the path escapes ``root``, the image is missing or unreadable, or it has
+            another size; the message starts with ``where``. Raised in ``__getitem__``, it makes
+            ``pixellm.reliability.skipping`` skip and count the sample.
     """
     try:
-        path = confined_path(root, relative)
-    except ValueError as err:
-        raise ValueError(f"{where}: {err}") from err
-    try:
-        image = open_rgb(path)
-    except FileNotFoundError as err:
-        raise FileNotFoundError(f"{where}: {err}") from err
+        image = open_rgb(confined_path(root, relative))
+    except DataError as err:
+        raise DataError(str(err), file=where) from err
     if size is not None and (image.height, image.width) != tuple(size):
-        raise ValueError(
-            f"{where}: annotations are {size[0]}x{size[1]} but {path} is "
-            f"{image.height}x{image.width} (height x width)"
+        raise DataError(
+            f"annotations are {size[0]}x{size[1]} but the image is {image.height}x{image.width} "
+            "(height x width)",
+            file=where,
+            hint="fix the annotation's size or the image",
         )
     return image
 

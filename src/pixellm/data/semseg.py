@@ -30,6 +30,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from pixellm.data.coco_json import annotation_mask, load_coco
+from pixellm.data.errors import DataError
 from pixellm.data.loading import open_image, read_json, seeded_rng
 from pixellm.data.muse import target_description
 from pixellm.data.sample import Sample
@@ -198,12 +199,13 @@ class LabelMapSegDataset(SemanticSegDataset):
 
     def candidates(self, position: int) -> Candidates:
         label_path = self.label_root / self.label_files[position]
-        with Image.open(label_path) as label_image:
-            label = np.array(label_image)
+        try:
+            with Image.open(label_path) as label_image:
+                label = np.array(label_image)
+        except Exception as err:  # Pillow's decoders raise many types on malformed files
+            raise DataError(f"not a readable label map ({type(err).__name__}: {err})", file=label_path) from err
         if label.ndim != 2:
-            raise ValueError(
-                f"{label_path}: expected a single-channel label map, got shape {label.shape}"
-            )
+            raise DataError(f"expected a single-channel label map, got shape {label.shape}", file=label_path)
         image_name = Path(self.label_files[position]).stem + self.image_suffix
         image = open_image(self.image_root, image_name, f"{label_path}: image", label.shape)
         values = [int(v) for v in np.unique(label) if int(v) in self.class_names]
