@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from coco_fixtures import compressed_rle, uncompressed_rle
 from PIL import Image
 from pycocotools import mask as mask_utils
 
@@ -25,24 +26,6 @@ def _known_masks() -> tuple[np.ndarray, np.ndarray]:
     return left, corner
 
 
-def _uncompressed_rle(mask: np.ndarray) -> dict[str, Any]:
-    flat = mask.flatten(order="F")
-    counts, value, run = [], 0, 0
-    for v in flat:
-        if v == value:
-            run += 1
-        else:
-            counts.append(run)
-            value, run = v, 1
-    counts.append(run)
-    return {"size": [H, W], "counts": counts}
-
-
-def _compressed_rle(mask: np.ndarray) -> dict[str, Any]:
-    rle = mask_utils.encode(np.asfortranarray(mask))
-    return {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
-
-
 def _record(**changes: Any) -> dict[str, Any]:
     left, corner = _known_masks()
     box = {
@@ -51,7 +34,7 @@ def _record(**changes: Any) -> dict[str, Any]:
         "category_id": 7,
         "category_name": "box",
         "rephrased_name": "the red box",
-        "segmentation": _uncompressed_rle(left),
+        "segmentation": uncompressed_rle(left),
     }
     ball = {
         "id": 2,
@@ -59,7 +42,7 @@ def _record(**changes: Any) -> dict[str, Any]:
         "category_id": 9,
         "category_name": "ball",
         "rephrased_name": "",
-        "segmentation": _compressed_rle(corner),
+        "segmentation": compressed_rle(corner),
     }
     square = {
         "id": 3,
@@ -207,8 +190,8 @@ def test_image_roots_as_a_list_or_a_coco_split_mapping(tmp_path: Path) -> None:
 
 def test_parts_are_merged_like_pycocotools(tmp_path: Path) -> None:
     left, corner = _known_masks()
-    crowd = _uncompressed_rle(left)  # crowd annotations are uncompressed RLE
-    parts = [_compressed_rle(corner), crowd]  # a list of RLE parts
+    crowd = uncompressed_rle(left)  # crowd annotations are uncompressed RLE
+    parts = [compressed_rle(corner), crowd]  # a list of RLE parts
     polygons = [[0, 0, 2, 0, 2, 2, 0, 2], [5, 3, 7, 3, 7, 5], [1, 1, 2, 2]]  # the 2-point one is ignored
     record = _record(
         questions=["crowd?", "parts?", "polygons?"],
