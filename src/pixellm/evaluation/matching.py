@@ -1,8 +1,8 @@
 """Pairing predicted masks with ground-truth masks, one question at a time (Sec. 4.3).
 
-Every function here is pure and deterministic, and vectorised over masks and pixels: a question's
-IoU matrix comes from one matrix product over the pixels where any of its masks is on, and the
-assignment from ``scipy.optimize.linear_sum_assignment``.
+Every function here is pure and deterministic, and vectorised over masks and pixels: the I and U
+of every (prediction, ground truth) pair of a whole batch come from one operation over bit-packed
+masks, and each question's assignment from ``scipy.optimize.linear_sum_assignment``.
 
 A question with P predictions and G ground truths yields M = max(P, G) pairs: min(P, G) matched
 pairs, then each unmatched prediction paired with an empty ground truth (I = 0, U = |pred|), then
@@ -23,7 +23,6 @@ from pixellm.metrics.iou import intersection_union, mask_iou
 
 MatchCost = Literal["iou", "bce_dice"]
 MATCH_COSTS = ("iou", "bce_dice")
-EXACT_FLOAT32_PIXELS = 2**24  # pixel counts up to this are exact in float32 matrix products
 
 
 @dataclass(frozen=True)
@@ -74,86 +73,79 @@ class PairwiseCounts:
     gt_size: Tensor
 
 
-def _block_size(pixels: int) -> int:
-    """The largest of 64, 32, ..., 1 that divides ``pixels``."""
-    return next(b for b in (64, 32, 16, 8, 4, 2, 1) if pixels % b == 0)
+def _packed_rows(masks: np.ndarray, words: int) -> np.ndarray:
+    """(K, N) bool/uint8 masks (non-zero = on) as (K, words) uint64 bit rows, zero-padded."""
+    bits = np.packbits(masks, axis=1)  # (K, ceil(N / 8)) uint8
+    padded = np.zeros((masks.shape[0], words * 8), dtype=np.uint8)
+    padded[:, : bits.shape[1]] = bits
+    return padded.view(np.uint64)
 
 
-def _compact(pred: Tensor, truth: Tensor) -> tuple[Tensor, Tensor]:
-    """The question's masks restricted to the blocks of pixels where any of its masks is non-zero.
-
-    Every other pixel adds 0 to every I and U, so counting on the kept pixels is exact, and it
-    reads each mask once instead of once per pair.
-
-    Args:
-        pred: (P, H, W) bool.
-        truth: (G, H, W) uint8/long ground truth.
-
-    Returns:
-        (P, n) bool and (G, n) ground truth, n a multiple of the block size.
-    """
-    pixels = truth.shape[1] * truth.shape[2]
-    block = _block_size(pixels)
-    pred = pred.reshape(pred.shape[0], pixels // block, block)  # (P, N/b, b)
-    truth = truth.reshape(truth.shape[0], pixels // block, block)  # (G, N/b, b)
-    on = truth.amax(0) if truth.shape[0] else truth.new_zeros(truth.shape[1:])  # (N/b, b)
-    if pred.shape[0]:
-        pred_on = pred.view(torch.uint8).amax(0)
-        on = torch.maximum(on, pred_on if on.dtype == torch.uint8 else pred_on.to(on.dtype))
-    kept = on.amax(1).nonzero().flatten()  # (n/b,) blocks with a non-zero pixel
-    return pred.index_select(1, kept).flatten(1), truth.index_select(1, kept).flatten(1)
-
-
-def question_counts(pred: Tensor, truth: Tensor, ignore_index: int = 255) -> PairwiseCounts:
-    """I and U of every prediction against every ground truth of one question, from one matrix
-    product over its compacted pixels (``_compact``).
-
-    Args:
-        pred: (P, H, W) bool.
-        truth: (G, H, W) in {0, 1, ignore_index}; ignored pixels count in neither I nor U of that
-            ground truth.
-    """
-    if pred.shape[1:] != truth.shape[1:]:
-        raise ValueError(f"predictions {tuple(pred.shape)} and ground truth {tuple(truth.shape)} differ in size")
-    pred, truth = _compact(pred, truth)  # (P, n), (G, n)
-    dtype = torch.float32 if pred.shape[1] < EXACT_FLOAT32_PIXELS else torch.float64
-    num_gt = truth.shape[0]
-    foreground = truth == 1  # (G, n)
-    ones = foreground.new_ones(1, foreground.shape[1])  # (1, n): its product is |pred|
-    columns = torch.cat([foreground, truth != ignore_index, ones]).to(dtype)  # (2G + 1, n)
-    products = (pred.to(dtype) @ columns.T).cpu().numpy().astype(np.float64)  # (P, 2G + 1)
-    inter = products[:, :num_gt]  # (P, G)
-    pred_valid = products[:, num_gt : 2 * num_gt]  # (P, G) |pred & valid_g|
-    gt_size = foreground.sum(1).cpu().numpy().astype(np.float64)  # (G,)
-    return PairwiseCounts(
-        torch.from_numpy(inter),
-        torch.from_numpy(pred_valid + gt_size[None, :] - inter),
-        torch.from_numpy(products[:, 2 * num_gt]),
-        torch.from_numpy(gt_size),
-    )
+def _popcount(rows: np.ndarray) -> np.ndarray:
+    """(R, W) uint64 -> (R,) float64 count of set bits per row."""
+    return np.bitwise_count(rows).sum(1, dtype=np.int64).astype(np.float64)
 
 
 def pairwise_counts(
     preds: list[Tensor], targets: list[Tensor], ignore_index: int = 255
 ) -> list[PairwiseCounts]:
-    """``question_counts`` of every question of a batch.
+    """I and U of every prediction against every ground truth of every question of a batch.
 
-    One matrix product per question: padding the compacted masks of a batch to one batched
-    product cost more in zero-filling and conversion than it saved (measured with
-    benchmarks/metrics.py).
+    Each mask is bit-packed once (64 pixels per word; zero padding adds 0 to every count), then
+    the counts of all (prediction, ground truth) pairs of the whole batch come from one AND and
+    one popcount over a (pairs, words) array: exact integer counts, no per-pair or per-pixel
+    Python loop.
 
     Args:
         preds: B tensors (P_b, H_b, W_b) bool.
-        targets: B tensors (G_b, H_b, W_b) in {0, 1, ignore_index}.
+        targets: B tensors (G_b, H_b, W_b) in {0, 1, ignore_index}; ignored pixels count in
+            neither I nor U of that ground truth.
+        ignore_index: 0-255 (ground truth is compared as uint8).
     """
     if len(preds) != len(targets):
         raise ValueError(f"{len(preds)} prediction sets but {len(targets)} ground-truth sets")
-    counts = []
     for b, (pred, truth) in enumerate(zip(preds, targets, strict=True)):
-        try:
-            counts.append(question_counts(pred, truth, ignore_index))
-        except ValueError as error:
-            raise ValueError(f"question {b}: {error}") from error
+        if pred.shape[1:] != truth.shape[1:]:
+            raise ValueError(
+                f"question {b}: predictions {tuple(pred.shape)} and ground truth {tuple(truth.shape)} differ in size"
+            )
+    if not preds:
+        return []
+    words = max(-(-t.shape[1] * t.shape[2] // 64) for t in targets)
+    pred_rows, fg_rows, valid_rows = [], [], []
+    for pred, truth in zip(preds, targets, strict=True):
+        truth = truth.detach().cpu().flatten(1).to(torch.uint8).numpy()  # (G, N) {0, 1, ignore}
+        pred_rows.append(_packed_rows(pred.detach().cpu().flatten(1).numpy(), words))
+        valid = _packed_rows(truth != ignore_index, words)  # (G, words)
+        valid_rows.append(valid)
+        fg_rows.append(_packed_rows(truth, words) & valid)  # non-zero and not ignored: == 1
+    pred_bits, fg_bits, valid_bits = (np.concatenate(r) for r in (pred_rows, fg_rows, valid_rows))
+    num_pred = [p.shape[0] for p in preds]
+    num_gt = [t.shape[0] for t in targets]
+    pred_start, gt_start = np.cumsum([0, *num_pred]), np.cumsum([0, *num_gt])
+    pred_of_pair = np.concatenate(  # (M,) every (p, g) of every question, p-major
+        [np.repeat(np.arange(p) + pred_start[b], g) for b, (p, g) in enumerate(zip(num_pred, num_gt, strict=True))]
+    ).astype(np.int64)
+    gt_of_pair = np.concatenate(
+        [np.tile(np.arange(g) + gt_start[b], p) for b, (p, g) in enumerate(zip(num_pred, num_gt, strict=True))]
+    ).astype(np.int64)
+    paired = pred_bits[pred_of_pair]  # (M, words)
+    inter = _popcount(paired & fg_bits[gt_of_pair])  # (M,)
+    pred_valid = _popcount(paired & valid_bits[gt_of_pair])  # (M,) |pred & valid_g|
+    pred_size, gt_size = _popcount(pred_bits), _popcount(fg_bits)  # (sum P,), (sum G,)
+    union = pred_valid + gt_size[gt_of_pair] - inter
+    counts, pair_start = [], 0
+    for b, (p, g) in enumerate(zip(num_pred, num_gt, strict=True)):
+        span = slice(pair_start, pair_start + p * g)
+        pair_start += p * g
+        counts.append(
+            PairwiseCounts(
+                torch.from_numpy(inter[span].reshape(p, g)),
+                torch.from_numpy(union[span].reshape(p, g)),
+                torch.from_numpy(pred_size[pred_start[b] : pred_start[b + 1]]),
+                torch.from_numpy(gt_size[gt_start[b] : gt_start[b + 1]]),
+            )
+        )
     return counts
 
 
