@@ -28,7 +28,7 @@ from pixellm.model.losses import PixelLMLoss
 from pixellm.model.projection import VisionDecoderProjection
 from pixellm.model.vision import VisionEncoder
 from pixellm.reliability.codebook_groups import drop_malformed_groups
-from pixellm.reliability.nonfinite import NonFiniteLossGuard, skipped_step_loss
+from pixellm.reliability.nonfinite import NonFiniteLossGuard, any_rank_decision, skipped_step_loss
 from pixellm.reliability.skipping import is_empty_batch
 from pixellm.schedule import WarmupLinearLR
 from pixellm.tokenizer import IMAGE_TOKEN, load_tokenizer
@@ -165,7 +165,7 @@ class PixelLMTask(LightningModule):
             return skipped_step_loss(self)
         ce, masks = self.teacher_forced(batch)
         terms = self.loss(ce, masks, batch["masks"])
-        if self.nonfinite.should_skip(terms["loss"], self.global_step):
+        if self.nonfinite.should_skip(terms["loss"], self.global_step, any_rank_decision(self)):
             return skipped_step_loss(self)
         batch_size = len(batch["masks"])
         for name, value in terms.items():

@@ -31,6 +31,23 @@ def test_nonfinite_losses_are_skipped_counted_then_fatal(bad: float) -> None:
         guard.should_skip(torch.tensor(bad), step=9)
 
 
+def test_a_nonfinite_loss_on_another_rank_makes_every_rank_skip_and_stop_together() -> None:
+    guard = NonFiniteLossGuard(max_skipped_steps=1)
+    seen = []
+
+    def other_rank_was_nan(bad: bool) -> bool:  # what all_reduce(max) gives when rank 1 had NaN
+        seen.append(bad)
+        return True
+
+    with pytest.warns(UserWarning, match=r"training loss is 0.5 at step 7: step skipped \(1 of at most 1\)"):
+        assert guard.should_skip(torch.tensor(0.5), step=7, any_rank=other_rank_was_nan) is True
+    with pytest.raises(NonFiniteLossError, match=r"at step 8, after 1 skipped"):
+        guard.should_skip(torch.tensor(0.5), step=8, any_rank=other_rank_was_nan)
+    assert seen == [False, False]  # this rank's own loss was finite both times
+    local_only = NonFiniteLossGuard(max_skipped_steps=1)
+    assert local_only.should_skip(torch.tensor(0.5), step=7, any_rank=lambda bad: bad) is False
+
+
 def test_task_skips_nan_steps_and_empty_batches(tiny_config, build, monkeypatch) -> None:
     task, data = build(tiny_config, "--model.init_args.max_nonfinite_steps=1")
     data.prepare_data()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
+from functools import partial
 
 import torch
 from lightning import LightningModule
@@ -29,17 +31,26 @@ class NonFiniteLossGuard:
         self.max_skipped_steps = max_skipped_steps
         self.skipped = 0
 
-    def should_skip(self, loss: Tensor, step: int) -> bool:
+    def should_skip(
+        self, loss: Tensor, step: int, any_rank: Callable[[bool], bool] | None = None
+    ) -> bool:
         """``True`` (and counted, with a warning) when ``loss`` is NaN or infinite.
 
         Args:
             loss: The scalar training loss.
             step: The global step, quoted in the warning and the error.
+            any_rank: With several processes, turns this rank's "not finite" into "not finite on
+                any rank" (e.g. ``strategy.reduce_boolean_decision(bad, all=False)``), so every
+                rank skips the same steps, keeps the same count and stops at the same step instead
+                of leaving the others waiting in a collective.
 
         Raises:
             NonFiniteLossError: When this would be skipped step ``max_skipped_steps + 1``.
         """
-        if bool(torch.isfinite(loss).all()):
+        bad = not bool(torch.isfinite(loss).all())
+        if any_rank is not None:
+            bad = any_rank(bad)
+        if not bad:
             return False
         if self.skipped >= self.max_skipped_steps:
             raise NonFiniteLossError(
@@ -71,3 +82,14 @@ def skipped_step_loss(module: LightningModule) -> Tensor | None:
     if world_size == 1:
         return None
     return torch.stack([p.sum() for p in module.parameters() if p.requires_grad]).sum() * 0.0
+
+
+def any_rank_decision(module: LightningModule) -> Callable[[bool], bool] | None:
+    """The ``any_rank`` of ``NonFiniteLossGuard.should_skip`` for ``module``'s strategy: a decision
+    that is true on any process is true on all (a no-op on one device); ``None`` without a Trainer.
+    """
+    try:
+        strategy = module.trainer.strategy
+    except RuntimeError:  # not attached to a Trainer
+        return None
+    return partial(strategy.reduce_boolean_decision, all=False)
