@@ -90,6 +90,25 @@ def test_generation_stops_at_eos_and_pads_with_it():
     assert ids.shape[1] == 2 or (ids[0, 2:] == eos).all()
 
 
+class AnswerLoss(torch.nn.Module):
+    """Image splicing, LLM and answer-only loss in one forward, as a training step runs them."""
+
+    def __init__(self, lmm: LlavaLMM) -> None:
+        super().__init__()
+        self.lmm = lmm
+
+    def forward(self, ids: torch.Tensor, labels: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        inputs = self.lmm.build_inputs(ids, torch.ones_like(ids), image, IMAGE_ID, labels)
+        return self.lmm.next_token_loss(self.lmm(inputs), inputs.labels)
+
+
+def lora_step(step: torch.nn.Module) -> None:
+    """One backward of :class:`AnswerLoss` (or of it wrapped by FSDP) on a sequence with 2 added tokens."""
+    ids = torch.tensor([[1, IMAGE_ID, 41, 42, 3]])
+    labels = torch.tensor([[-100, -100, 41, 42, 3]])
+    step(ids, labels, torch.randn(1, 2, 32)).backward()
+
+
 def test_lora_hits_only_the_language_model_and_new_rows_learn():
     lmm = make(lora=LoraSettings(r=4, alpha=8, dropout=0.0))
     lmm.extend_vocabulary(44)  # 4 added tokens
@@ -97,13 +116,30 @@ def test_lora_hits_only_the_language_model_and_new_rows_learn():
     assert any("lora_A" in n for n in names)
     assert all("language_model" in n for n in names if "lora_" in n)
     assert not any("mlp" in n and "lora" not in n for n in names)
-    ids = torch.tensor([[1, IMAGE_ID, 41, 42, 3]])
-    labels = torch.tensor([[-100, -100, 41, 42, 3]])
-    inputs = lmm.build_inputs(ids, torch.ones_like(ids), torch.randn(1, 2, 32), IMAGE_ID, labels)
-    lmm.next_token_loss(lmm(inputs), inputs.labels).backward()
+    lora_step(AnswerLoss(lmm))
     grad = lmm.embed_tokens.weight.grad
     assert grad[:40].abs().sum() == 0 and grad[41].abs().sum() > 0
-    assert lmm.lm_head.weight.grad[42].abs().sum() > 0
+    assert lmm.lm_head.weight.grad[:40].abs().sum() == 0 and lmm.lm_head.weight.grad[42].abs().sum() > 0
+
+
+def test_base_rows_stay_frozen_under_fsdp(tmp_path):
+    """FSDP swaps parameters for views of its flat parameter, which drops hooks on them: the rule must hold."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        lmm = make(lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+        lmm.extend_vocabulary(44)
+        wrapped = FullyShardedDataParallel(AnswerLoss(lmm), use_orig_params=True, device_id=torch.device("cpu"))
+        lora_step(wrapped)
+        grads = {name: p.grad for name, p in wrapped.named_parameters() if p.grad is not None}
+        embed = next(g for n, g in grads.items() if n.endswith("embed_tokens.weight"))
+        head = next(g for n, g in grads.items() if n.endswith("lm_head.weight"))
+        assert embed[:40].abs().sum() == 0 and embed[41].abs().sum() > 0
+        assert head[:40].abs().sum() == 0 and head[42].abs().sum() > 0
+    finally:
+        dist.destroy_process_group()
 
 
 def test_from_pretrained_loads_a_local_llava_folder(tmp_path):

@@ -27,6 +27,21 @@ from transformers import (
 )
 
 
+class _AddedRowsOnly(torch.autograd.Function):
+    """Identity on a (V, H) vocabulary weight whose backward zeroes the gradient of the first ``base`` rows."""
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, weight: Tensor, base: int) -> Tensor:
+        ctx.base = base
+        return weight.view_as(weight)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        grad = grad.clone()
+        grad[: ctx.base] = 0
+        return grad, None
+
+
 @dataclass
 class LoraSettings:
     """LoRA on the language model only (official: r=8, alpha=16, dropout 0.05 on q_proj/v_proj).
@@ -175,15 +190,18 @@ class LlavaLMM(nn.Module):
         inject_adapter_in_model(config, self.llava)
         for name, param in self.llava.named_parameters():
             param.requires_grad = "lora_" in name or "multi_modal_projector" in name
-        for weight in (self.embed_tokens.weight, self.lm_head.weight):
-            weight.requires_grad = True
-            weight.register_hook(self._keep_base_rows)
+        self.embed_tokens.weight.requires_grad = True
+        self.lm_head.weight.requires_grad = True
 
-    def _keep_base_rows(self, grad: Tensor) -> Tensor:
-        """Zero the gradient of the base vocabulary's rows: only added tokens learn under LoRA."""
-        grad = grad.clone()
-        grad[: self.original_vocab_size] = 0
-        return grad
+    def _vocabulary_weight(self, weight: Tensor) -> Tensor:
+        """``weight`` (V, H) as the forward pass should use it: under LoRA its base rows pass no gradient.
+
+        The rows are masked inside the graph (not by a hook on the parameter), so the rule holds under every
+        strategy: FSDP replaces the parameters a hook would sit on by views of its flat parameter.
+        """
+        if self.lora is None or not torch.is_grad_enabled():
+            return weight
+        return _AddedRowsOnly.apply(weight, self.original_vocab_size)
 
     def embed_image(self, features: Tensor) -> Tensor:
         """Project the coarse-scale vision features into the LLM's embedding space.
@@ -233,7 +251,8 @@ class LlavaLMM(nn.Module):
         text_src = torch.where(pos < start, pos, pos - num_image + 1).clamp(0, length - 1)  # (B, S')
         source = torch.where(in_image, length + pos - start, text_src)  # index into [text | image]
 
-        text_embeds = self.embed_tokens(input_ids)  # (B, S, H)
+        embedding = self._vocabulary_weight(self.embed_tokens.weight)
+        text_embeds = F.embedding(input_ids, embedding, self.embed_tokens.padding_idx)  # (B, S, H)
         stacked = torch.cat([text_embeds, image_embeds.to(text_embeds.dtype)], dim=1)
         index = source[..., None].expand(-1, -1, stacked.shape[-1])
         inputs_embeds = stacked.gather(1, index)  # (B, S', H)
@@ -271,7 +290,8 @@ class LlavaLMM(nn.Module):
         keep = targets != -100
         if not keep.any():
             return hidden.sum() * 0.0
-        logits = self.lm_head(hidden[:, :-1][keep])  # (M, V)
+        head = self._vocabulary_weight(self.lm_head.weight)
+        logits = F.linear(hidden[:, :-1][keep], head, self.lm_head.bias)  # (M, V)
         return F.cross_entropy(logits.float(), targets[keep])
 
     @torch.no_grad()
