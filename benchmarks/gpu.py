@@ -25,15 +25,20 @@ import functools
 import gc
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
+import lightning
+import peft
 import torch
+import transformers
 from flops import CLIP_L14, LLMS, SAM_DIM, pixellm_parts
 from lightning import Callback, Trainer
 from lightning.pytorch.strategies import FSDPStrategy
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerFast
 
@@ -160,7 +165,15 @@ class StepTimer(Callback):
             self.times.append(time.perf_counter() - self.start)
 
 
-def run(name: str, strategy: object, args: argparse.Namespace, shape: dict, tokenizer: str) -> dict:
+def vocabulary_rows(task: PixelLMTask) -> tuple[Tensor, Tensor]:
+    """Copies of the embedding's base rows (first 1,000) and added rows (codebook, image token)."""
+    weight = task.lmm.embed_tokens.weight.detach()
+    base = task.lmm.original_vocab_size
+    return weight[: min(base, 1000)].clone(), weight[base:].clone()
+
+
+def run(name: str, strategy: object, args: argparse.Namespace, shape: dict, tokenizer: str,
+        gradient_checkpointing: bool) -> dict:
     """Build the task, train ``args.steps`` steps, return the measured figures."""
     cuda = torch.cuda.is_available() and not args.tiny
     device = "cuda" if cuda else "cpu"
@@ -169,7 +182,7 @@ def run(name: str, strategy: object, args: argparse.Namespace, shape: dict, toke
     torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)
     try:
         with torch.device(device):
-            task = PixelLMTask(**build_parts(shape, gradient_checkpointing=True), tokenizer=tokenizer,
+            task = PixelLMTask(**build_parts(shape, gradient_checkpointing), tokenizer=tokenizer,
                                optimizer=functools.partial(torch.optim.AdamW, lr=3e-4, betas=(0.9, 0.95),
                                                            weight_decay=0.0))
     finally:
@@ -185,7 +198,9 @@ def run(name: str, strategy: object, args: argparse.Namespace, shape: dict, toke
                       num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer])
     if cuda:
         torch.cuda.reset_peak_memory_stats()
+    base_before, added_before = vocabulary_rows(task)
     trainer.fit(task, train_dataloaders=DataLoader(SameBatch(batch, args.steps), batch_size=None))
+    base_after, added_after = vocabulary_rows(task)
     step = sorted(timer.times)[len(timer.times) // 2]  # median
     result = {
         "run": name,
@@ -194,6 +209,8 @@ def run(name: str, strategy: object, args: argparse.Namespace, shape: dict, toke
         "samples/s": args.batch_size / step,
         "tokens/s": args.batch_size * length / step,
         "peak GiB": torch.cuda.max_memory_allocated() / 2**30 if cuda else float("nan"),
+        "base rows kept": torch.equal(base_before, base_after),
+        "added rows learn": not torch.equal(added_before, added_after),
     }
     del task, trainer
     gc.collect()
@@ -205,7 +222,7 @@ def run(name: str, strategy: object, args: argparse.Namespace, shape: dict, toke
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="a tiny model on CPU: smoke-test this script")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens, the image token included")
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--targets", type=int, default=3)
@@ -223,20 +240,35 @@ def main() -> None:
     peak = args.peak_tflops * 1e12 if args.peak_tflops else next(
         (flops for name, flops in PEAK_BF16_FLOPS.items() if name in card), None)
     flops = training_flops_per_sample(shape, args.prompt_tokens - 1, args.answer_tokens, args.targets)
+    print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}, "
+          f"lightning {lightning.__version__}")
     print(f"{'tiny' if args.tiny else 'PixelLM-7B'} on {card}: batch {args.batch_size}, {args.prompt_tokens} prompt "
           f"+ {args.answer_tokens} answer tokens + image tokens, {args.targets} targets, {args.steps} steps "
           f"({args.warmup} warm-up), model FLOPs {flops / 1e12:.2f} TFLOPs per training sample")
     with tempfile.TemporaryDirectory() as directory:
         tokenizer = write_tokenizer(Path(directory), shape["vocab"])
-        runs = [("single device", "auto")]
+        runs = [("single device", "auto", True)]
         if torch.cuda.is_available() and not args.tiny:
-            runs.append(("FSDP, 1 device", FSDPStrategy(use_orig_params=True)))
-        results = [run(name, strategy, args, shape, tokenizer) for name, strategy in runs]
-    print(f"{'run':<16}{'built s':>8}{'step s':>8}{'samples/s':>10}{'tokens/s':>10}{'peak GiB':>9}{'MFU':>7}")
+            runs.append(("FSDP, 1 device", FSDPStrategy(use_orig_params=True), True))
+        runs.append(("single, no ckpt", "auto", False))
+        results = []
+        for name, strategy, checkpointing in runs:
+            try:
+                results.append(run(name, strategy, args, shape, tokenizer, checkpointing))
+            except Exception:  # a failed run is reported, and the next one still runs
+                traceback.print_exc()
+                results.append({"run": name, "error": True})
+            print(results[-1], flush=True)
+    print(f"{'run':<16}{'built s':>8}{'step s':>8}{'samples/s':>10}{'tokens/s':>10}{'peak GiB':>9}{'MFU':>7}"
+          f"{'base rows kept':>16}{'added rows learn':>18}")
     for r in results:
+        if "error" in r:
+            print(f"{r['run']:<16} failed (traceback above)")
+            continue
         mfu = f"{100 * flops * r['samples/s'] / peak:.1f}%" if peak else "n/a"
         print(f"{r['run']:<16}{r['built s']:>8.1f}{r['step s']:>8.3f}{r['samples/s']:>10.2f}{r['tokens/s']:>10.0f}"
-              f"{r['peak GiB']:>9.1f}{mfu:>7}")
+              f"{r['peak GiB']:>9.1f}{mfu:>7}{str(r['base rows kept']):>16}{str(r['added rows learn']):>18}")
+    print("model FLOPs leave out the recomputation of gradient checkpointing (see the module docstring)")
     if args.tiny:
         print("(--tiny: FSDP needs CUDA and was skipped; MFU needs a GPU's peak)")
 
