@@ -166,8 +166,8 @@ class StepTimer(Callback):
 
 
 def vocabulary_rows(task: PixelLMTask) -> tuple[Tensor, Tensor]:
-    """Copies of the embedding's base rows (first 1,000) and added rows (codebook, image token)."""
-    weight = task.lmm.embed_tokens.weight.detach()
+    """CPU copies of the embedding's base rows (first 1,000) and added rows (codebook, image token)."""
+    weight = task.lmm.embed_tokens.weight.detach().cpu()
     base = task.lmm.original_vocab_size
     return weight[: min(base, 1000)].clone(), weight[base:].clone()
 
