@@ -35,10 +35,12 @@ import transformers
 from flops import CLIP_L14, LLMS, SAM_DIM, pixellm_parts
 from lightning import Callback, Trainer
 from lightning.pytorch.strategies import FSDPStrategy
+from step import PARTS, label_parts
 from tokenizers import Tokenizer
 from tokenizers.models import WordLevel
 from tokenizers.pre_tokenizers import Whitespace
 from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerFast
 
@@ -74,13 +76,14 @@ def write_tokenizer(directory: Path, vocab_size: int) -> str:
     return str(directory)
 
 
-def build_parts(shape: dict, gradient_checkpointing: bool) -> dict:
+def build_parts(shape: dict, gradient_checkpointing: bool, compile_layers: bool = False) -> dict:
     """The five PixelLM parts of ``shape``, on the current default device and dtype."""
     vision = CLIPVisionEncoder(config=shape["clip"], image_size=shape["image_size"],
                                feature_layers=shape["feature_layers"], trainable=False)
     channels, hidden = vision.out_channels, shape["llm"]["hidden_size"]
     lmm = LlavaLMM(text_config=dict(shape["llm"], vocab_size=shape["vocab"]), vision_channels=channels,
-                   image_pool_size=shape["pool"], lora=LoraSettings(), gradient_checkpointing=gradient_checkpointing)
+                   image_pool_size=shape["pool"], lora=LoraSettings(), gradient_checkpointing=gradient_checkpointing,
+                   compile_layers=compile_layers)
     dim = shape["decoder"]["dim"]
     return dict(
         vision=vision,
@@ -165,6 +168,32 @@ class StepTimer(Callback):
             self.times.append(time.perf_counter() - self.start)
 
 
+class StepProfiler(Callback):
+    """torch.profiler over ``steps`` training steps from step ``start``; prints the ops and parts that took the time."""
+
+    def __init__(self, start: int, steps: int) -> None:
+        self.start, self.stop, self.steps = start, start + steps - 1, steps
+        cuda = [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+        self.profiler = profile(activities=[ProfilerActivity.CPU, *cuda])
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: PixelLMTask, batch: dict, batch_idx: int) -> None:
+        if batch_idx == self.start:
+            label_parts(pl_module)
+            self.profiler.__enter__()
+
+    def on_train_batch_end(self, trainer: Trainer, pl_module: PixelLMTask, outputs: object, batch: dict,
+                           batch_idx: int) -> None:
+        if batch_idx == self.stop:
+            StepTimer._sync()
+            self.profiler.__exit__(None, None, None)
+            table = self.profiler.key_averages()
+            sort = "device_time_total" if torch.cuda.is_available() else "cpu_time_total"
+            print(table.table(sort_by="self_" + sort, row_limit=30, max_name_column_width=60))
+            for event in table:
+                if event.key in PARTS:  # forward only: backward kernels are not inside the labels
+                    print(f"{event.key:<16} forward {getattr(event, sort) / 1e3 / self.steps:8.1f} ms per step")
+
+
 def vocabulary_rows(task: PixelLMTask) -> tuple[Tensor, Tensor]:
     """CPU copies of the embedding's base rows (first 1,000) and added rows (codebook, image token)."""
     weight = task.lmm.embed_tokens.weight.detach().cpu()
@@ -173,7 +202,7 @@ def vocabulary_rows(task: PixelLMTask) -> tuple[Tensor, Tensor]:
 
 
 def run(name: str, strategy: object, args: argparse.Namespace, shape: dict, tokenizer: str,
-        gradient_checkpointing: bool) -> dict:
+        gradient_checkpointing: bool, compiled: bool = False) -> dict:
     """Build the task, train ``args.steps`` steps, return the measured figures."""
     cuda = torch.cuda.is_available() and not args.tiny
     device = "cuda" if cuda else "cpu"
@@ -182,7 +211,7 @@ def run(name: str, strategy: object, args: argparse.Namespace, shape: dict, toke
     torch.set_default_dtype(torch.bfloat16 if cuda else torch.float32)
     try:
         with torch.device(device):
-            task = PixelLMTask(**build_parts(shape, gradient_checkpointing), tokenizer=tokenizer,
+            task = PixelLMTask(**build_parts(shape, gradient_checkpointing, compiled), tokenizer=tokenizer,
                                optimizer=functools.partial(torch.optim.AdamW, lr=3e-4, betas=(0.9, 0.95),
                                                            weight_decay=0.0))
     finally:
@@ -192,10 +221,11 @@ def run(name: str, strategy: object, args: argparse.Namespace, shape: dict, toke
                             shape["image_size"])
     length = batch["input_ids"].shape[1] - 1 + task.lmm.num_image_tokens(task.vision.grid_size)  # S'
     timer = StepTimer(args.warmup)
+    callbacks = [timer, StepProfiler(args.warmup, 2)] if args.profile else [timer]
     trainer = Trainer(accelerator="gpu" if cuda else "cpu", devices=1, strategy=strategy,
                       precision="bf16-true" if cuda else "32-true", max_steps=args.steps, gradient_clip_val=1.0,
                       logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                      num_sanity_val_steps=0, limit_val_batches=0, callbacks=[timer])
+                      num_sanity_val_steps=0, limit_val_batches=0, callbacks=callbacks)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     base_before, added_before = vocabulary_rows(task)
@@ -228,6 +258,11 @@ def main() -> None:
     parser.add_argument("--targets", type=int, default=3)
     parser.add_argument("--steps", type=int, default=12, help="Trainer steps per run")
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the timing")
+    parser.add_argument("--runs", default="single,fsdp,no-ckpt", help="comma-separated, from single, fsdp, "
+                        "no-ckpt (without gradient checkpointing), compiled (decoder layers through torch.compile), "
+                        "compiled-no-ckpt")
+    parser.add_argument("--profile", action="store_true", help="one checkpointed single-device run, with a "
+                        "torch.profiler table of two steps")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the card's dense bf16 peak (default: "
                         "989 for H100/H200)")
     args = parser.parse_args()
@@ -247,14 +282,21 @@ def main() -> None:
           f"({args.warmup} warm-up), model FLOPs {flops / 1e12:.2f} TFLOPs per training sample")
     with tempfile.TemporaryDirectory() as directory:
         tokenizer = write_tokenizer(Path(directory), shape["vocab"])
-        runs = [("single device", "auto", True)]
-        if torch.cuda.is_available() and not args.tiny:
-            runs.append(("FSDP, 1 device", FSDPStrategy(use_orig_params=True), True))
-        runs.append(("single, no ckpt", "auto", False))
+        runs = {
+            "single": ("single device", "auto", True, False),
+            "fsdp": ("FSDP, 1 device", FSDPStrategy(use_orig_params=True), True, False),
+            "no-ckpt": ("single, no ckpt", "auto", False, False),
+            "compiled": ("single, compiled", "auto", True, True),
+            "compiled-no-ckpt": ("compiled, no ckpt", "auto", False, True),
+        }
+        chosen = ["single"] if args.profile else args.runs.split(",")
+        if args.tiny and "fsdp" in chosen:
+            chosen.remove("fsdp")
         results = []
-        for name, strategy, checkpointing in runs:
+        for key in chosen:
+            name, strategy, checkpointing, compiled = runs[key]
             try:
-                results.append(run(name, strategy, args, shape, tokenizer, checkpointing))
+                results.append(run(name, strategy, args, shape, tokenizer, checkpointing, compiled))
             except Exception:  # a failed run is reported, and the next one still runs
                 traceback.print_exc()
                 results.append({"run": name, "error": True})

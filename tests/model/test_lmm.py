@@ -165,3 +165,22 @@ def test_from_pretrained_loads_a_local_llava_folder(tmp_path):
         LlavaLMM(pretrained=str(tmp_path / "llava"), text_config=TEXT)
     with pytest.raises(OSError):
         LlavaLMM(pretrained=str(tmp_path / "missing"))
+
+
+def test_compiled_layers_match_the_plain_model_and_train():
+    ids = torch.tensor([[1, IMAGE_ID, 41, 42, 3]])
+    labels = torch.tensor([[-100, -100, 41, 42, 3]])
+    image = torch.randn(1, 2, 32)
+    losses, grads = [], []
+    for compile_layers in (False, True):
+        lmm = make(lora=LoraSettings(r=4, alpha=8, dropout=0.0), compile_layers=compile_layers)
+        lmm.extend_vocabulary(44)
+        loss = AnswerLoss(lmm)(ids, labels, image)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(lmm.embed_tokens.weight.grad[41].clone())
+    assert lmm.language_model.layers[0]._compiled_call_impl is not None
+    assert "_orig_mod" not in "".join(lmm.state_dict())  # checkpoints keep the plain names
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
+    assert grads[0].abs().sum() > 0

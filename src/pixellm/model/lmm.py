@@ -90,6 +90,10 @@ class LlavaLMM(nn.Module):
         lora: LoRA settings, or ``None`` to train the whole language model.
         gradient_checkpointing: recompute LLM activations in the backward pass to save memory.
         attn_implementation: attention kernel of the LLM (``"sdpa"`` or ``"eager"``).
+        compile_layers: run each decoder layer through ``torch.compile``, which fuses the elementwise work
+            (RMSNorm, RoPE, SwiGLU, LoRA's dropout and scaling) that otherwise takes about 40 % of a 7B
+            training step's GPU time; measured 1.37x faster steps on an H100 (``benchmarks/gpu.py``). The
+            first step pays the compilation.
     """
 
     def __init__(
@@ -103,6 +107,7 @@ class LlavaLMM(nn.Module):
         lora: LoraSettings | None = None,
         gradient_checkpointing: bool = False,
         attn_implementation: str = "sdpa",
+        compile_layers: bool = False,
     ) -> None:
         super().__init__()
         if (pretrained is None) == (text_config is None):
@@ -137,6 +142,9 @@ class LlavaLMM(nn.Module):
             self.language_model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+        if compile_layers:  # in place: parameter names and checkpoints stay those of the plain model
+            for layer in self.language_model.layers:
+                layer.compile()
 
     @property
     def language_model(self) -> nn.Module:
