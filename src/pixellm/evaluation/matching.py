@@ -1,8 +1,8 @@
 """Pairing predicted masks with ground-truth masks, one question at a time (Sec. 4.3).
 
 Every function here is pure and deterministic, and vectorised over masks and pixels: the I and U
-of every (prediction, ground truth) pair of a whole batch come from one operation over bit-packed
-masks, and each question's assignment from ``scipy.optimize.linear_sum_assignment``.
+of every (prediction, ground truth) pair of a question come from one operation over bit-packed
+masks, and its assignment from ``scipy.optimize.linear_sum_assignment``.
 
 A question with P predictions and G ground truths yields M = max(P, G) pairs: min(P, G) matched
 pairs, then each unmatched prediction paired with an empty ground truth (I = 0, U = |pred|), then
@@ -11,6 +11,7 @@ each unmatched ground truth paired with an empty prediction (I = 0, U = |truth|)
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -73,17 +74,51 @@ class PairwiseCounts:
     gt_size: Tensor
 
 
-def _packed_rows(masks: np.ndarray, words: int) -> np.ndarray:
-    """(K, N) bool/uint8 masks (non-zero = on) as (K, words) uint64 bit rows, zero-padded."""
+def _bit_rows(masks: np.ndarray) -> np.ndarray:
+    """(K, N) bool masks as (K, ceil(N / 64)) uint64 rows of 64 pixels each, zero-padded."""
     bits = np.packbits(masks, axis=1)  # (K, ceil(N / 8)) uint8
-    padded = np.zeros((masks.shape[0], words * 8), dtype=np.uint8)
-    padded[:, : bits.shape[1]] = bits
-    return padded.view(np.uint64)
+    if bits.shape[1] % 8:
+        bits = np.pad(bits, ((0, 0), (0, 8 - bits.shape[1] % 8)))
+    return bits.view(np.uint64)
 
 
 def _popcount(rows: np.ndarray) -> np.ndarray:
-    """(R, W) uint64 -> (R,) float64 count of set bits per row."""
-    return np.bitwise_count(rows).sum(1, dtype=np.int64).astype(np.float64)
+    """(..., W) uint64 -> (...) float64 count of set bits over the last axis."""
+    return np.bitwise_count(rows).sum(-1, dtype=np.int64).astype(np.float64)
+
+
+def _flat_numpy(masks: Tensor, dtype: torch.dtype) -> np.ndarray:
+    """(K, H, W) tensor as a (K, H * W) CPU array of ``dtype``, without a copy where it already is one."""
+    if masks.requires_grad:
+        masks = masks.detach()
+    if masks.device.type != "cpu" or masks.dtype != dtype:
+        masks = masks.to("cpu", dtype)
+    return masks.numpy().reshape(masks.shape[0], math.prod(masks.shape[1:]))
+
+
+def _question_counts(
+    pred: Tensor, truth: Tensor, ignore_index: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(P, G) intersection and union, (P,) |pred| and (G,) |truth| of one question, as float64 arrays.
+
+    Each mask is bit-packed once (64 pixels per word), then every (prediction, ground truth)
+    combination is one broadcast AND and popcount. Ignored pixels are packed and counted only
+    when the ground truth holds a value above 1.
+    """
+    num_pred = pred.shape[0]
+    truth = _flat_numpy(truth, torch.uint8)  # (G, N) {0, 1, ignore}
+    pred_bits = _bit_rows(_flat_numpy(pred, torch.bool))  # (P, W)
+    fg_bits = _bit_rows(truth)  # (G, W); packbits sets every non-zero pixel, ignored ones too
+    ignored_bits = _bit_rows(truth == ignore_index) if truth.size and truth.max() > 1 else None
+    if ignored_bits is not None:
+        fg_bits &= ~ignored_bits  # == 1 only
+    inter = _popcount(pred_bits[:, None] & fg_bits[None])  # (P, G)
+    sizes = _popcount(np.concatenate([pred_bits, fg_bits]))  # (P + G,)
+    pred_size, gt_size = sizes[:num_pred], sizes[num_pred:]
+    pred_valid = pred_size[:, None]  # (P, 1) |pred & valid_g| when nothing is ignored
+    if ignored_bits is not None and ignored_bits.any():
+        pred_valid = pred_valid - _popcount(pred_bits[:, None] & ignored_bits[None])  # (P, G)
+    return inter, pred_valid + gt_size[None] - inter, pred_size, gt_size
 
 
 def pairwise_counts(
@@ -91,17 +126,23 @@ def pairwise_counts(
 ) -> list[PairwiseCounts]:
     """I and U of every prediction against every ground truth of every question of a batch.
 
-    Each mask is bit-packed once (64 pixels per word; zero padding adds 0 to every count), then
-    the counts of all (prediction, ground truth) pairs of the whole batch come from one AND and
-    one popcount over a (pairs, words) array: exact integer counts, no per-pair or per-pixel
-    Python loop.
+    Exact integer counts from bit-packed masks: one AND and one popcount over (P, G, words) per
+    question, no per-pair or per-pixel Python loop.
 
     Args:
         preds: B tensors (P_b, H_b, W_b) bool.
         targets: B tensors (G_b, H_b, W_b) in {0, 1, ignore_index}; ignored pixels count in
             neither I nor U of that ground truth.
-        ignore_index: 0-255 (ground truth is compared as uint8).
+        ignore_index: 2-255 (ground truth is compared as uint8).
     """
+    _check_batch(preds, targets)
+    return [
+        PairwiseCounts(*(torch.from_numpy(a) for a in _question_counts(pred, truth, ignore_index)))
+        for pred, truth in zip(preds, targets, strict=True)
+    ]
+
+
+def _check_batch(preds: list[Tensor], targets: list[Tensor]) -> None:
     if len(preds) != len(targets):
         raise ValueError(f"{len(preds)} prediction sets but {len(targets)} ground-truth sets")
     for b, (pred, truth) in enumerate(zip(preds, targets, strict=True)):
@@ -109,44 +150,6 @@ def pairwise_counts(
             raise ValueError(
                 f"question {b}: predictions {tuple(pred.shape)} and ground truth {tuple(truth.shape)} differ in size"
             )
-    if not preds:
-        return []
-    words = max(-(-t.shape[1] * t.shape[2] // 64) for t in targets)
-    pred_rows, fg_rows, valid_rows = [], [], []
-    for pred, truth in zip(preds, targets, strict=True):
-        truth = truth.detach().cpu().flatten(1).to(torch.uint8).numpy()  # (G, N) {0, 1, ignore}
-        pred_rows.append(_packed_rows(pred.detach().cpu().flatten(1).numpy(), words))
-        valid = _packed_rows(truth != ignore_index, words)  # (G, words)
-        valid_rows.append(valid)
-        fg_rows.append(_packed_rows(truth, words) & valid)  # non-zero and not ignored: == 1
-    pred_bits, fg_bits, valid_bits = (np.concatenate(r) for r in (pred_rows, fg_rows, valid_rows))
-    num_pred = [p.shape[0] for p in preds]
-    num_gt = [t.shape[0] for t in targets]
-    pred_start, gt_start = np.cumsum([0, *num_pred]), np.cumsum([0, *num_gt])
-    pred_of_pair = np.concatenate(  # (M,) every (p, g) of every question, p-major
-        [np.repeat(np.arange(p) + pred_start[b], g) for b, (p, g) in enumerate(zip(num_pred, num_gt, strict=True))]
-    ).astype(np.int64)
-    gt_of_pair = np.concatenate(
-        [np.tile(np.arange(g) + gt_start[b], p) for b, (p, g) in enumerate(zip(num_pred, num_gt, strict=True))]
-    ).astype(np.int64)
-    paired = pred_bits[pred_of_pair]  # (M, words)
-    inter = _popcount(paired & fg_bits[gt_of_pair])  # (M,)
-    pred_valid = _popcount(paired & valid_bits[gt_of_pair])  # (M,) |pred & valid_g|
-    pred_size, gt_size = _popcount(pred_bits), _popcount(fg_bits)  # (sum P,), (sum G,)
-    union = pred_valid + gt_size[gt_of_pair] - inter
-    counts, pair_start = [], 0
-    for b, (p, g) in enumerate(zip(num_pred, num_gt, strict=True)):
-        span = slice(pair_start, pair_start + p * g)
-        pair_start += p * g
-        counts.append(
-            PairwiseCounts(
-                torch.from_numpy(inter[span].reshape(p, g)),
-                torch.from_numpy(union[span].reshape(p, g)),
-                torch.from_numpy(pred_size[pred_start[b] : pred_start[b + 1]]),
-                torch.from_numpy(gt_size[gt_start[b] : gt_start[b + 1]]),
-            )
-        )
-    return counts
 
 
 def bce_dice_cost(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Tensor:
@@ -175,28 +178,30 @@ def bce_dice_cost(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Te
     return bce + dice
 
 
-def hungarian_pairs(cost: Tensor, counts: PairwiseCounts) -> MatchedPairs:
+def hungarian_pairs(
+    cost: np.ndarray, inter: np.ndarray, union: np.ndarray, pred_size: np.ndarray, gt_size: np.ndarray
+) -> MatchedPairs:
     """The minimum-cost one-to-one assignment, completed with empty-mask pairs (see module doc).
 
     Args:
         cost: (P, G) cost of pairing prediction p with ground truth g.
-        counts: the question's pixel counts (on the CPU).
+        inter, union: (P, G) pixel counts; pred_size: (P,) |pred|; gt_size: (G,) |truth|.
     """
-    num_pred, num_gt = counts.intersection.shape
-    rows, cols = linear_sum_assignment(cost.detach().cpu().double().numpy())  # rows ascending
-    free_pred, free_gt = np.ones(num_pred, dtype=bool), np.ones(num_gt, dtype=bool)
-    free_pred[rows], free_gt[cols] = False, False
-    lone_pred, lone_gt = np.flatnonzero(free_pred), np.flatnonzero(free_gt)
-    inter, union = counts.intersection.numpy(), counts.union.numpy()
-    none_pred, none_gt = np.full(len(lone_gt), -1), np.full(len(lone_pred), -1)
+    num_pred, num_gt = inter.shape
+    rows, cols = linear_sum_assignment(cost)  # rows ascending
+    pred_index, gt_index = rows.astype(np.int64), cols.astype(np.int64)
+    intersection, union = inter[rows, cols], union[rows, cols]
+    if num_pred != num_gt:  # the lone masks of the larger side, each against an empty mask
+        lone_pred = np.array(sorted(set(range(num_pred)) - set(rows.tolist())), dtype=np.int64)
+        lone_gt = np.array(sorted(set(range(num_gt)) - set(cols.tolist())), dtype=np.int64)
+        empty = np.full(len(lone_pred) + len(lone_gt), -1)
+        pred_index = np.concatenate([pred_index, lone_pred, empty[: len(lone_gt)]])
+        gt_index = np.concatenate([gt_index, empty[: len(lone_pred)], lone_gt])
+        intersection = np.concatenate([intersection, np.zeros(len(empty))])
+        union = np.concatenate([union, pred_size[lone_pred], gt_size[lone_gt]])
     return MatchedPairs(
-        pred_index=torch.from_numpy(np.concatenate([rows, lone_pred, none_pred]).astype(np.int64)),
-        gt_index=torch.from_numpy(np.concatenate([cols, none_gt, lone_gt]).astype(np.int64)),
-        intersection=torch.from_numpy(np.concatenate([inter[rows, cols], np.zeros(len(lone_pred) + len(lone_gt))])),
-        union=torch.from_numpy(
-            np.concatenate([union[rows, cols], counts.pred_size.numpy()[lone_pred], counts.gt_size.numpy()[lone_gt]])
-        ),
-        num_targets=num_gt,
+        torch.from_numpy(pred_index), torch.from_numpy(gt_index), torch.from_numpy(intersection),
+        torch.from_numpy(union), num_gt,
     )
 
 
@@ -220,17 +225,18 @@ def match_batch(
     """
     if cost not in MATCH_COSTS:
         raise ValueError(f"matching cost must be one of {MATCH_COSTS}, got {cost!r}")
-    masks = [x if x.dtype == torch.bool else x > 0 for x in logits]
-    counts = pairwise_counts(masks, targets, ignore_index)
+    _check_batch(logits, targets)
     pairs = []
-    for x, truth, count in zip(logits, targets, counts, strict=True):
+    for x, truth in zip(logits, targets, strict=True):
+        counts = _question_counts(x if x.dtype == torch.bool else x > 0, truth, ignore_index)
+        inter, union = counts[0], counts[1]
         if cost == "iou":
-            matrix = 1 - mask_iou(count.intersection, count.union)
+            matrix = 1 - np.where(union == 0, 1.0, inter / (union + 1e-5))  # 1 - mask_iou, in float64
+        elif x.dtype == torch.bool:
+            raise ValueError("the 'bce_dice' matching cost needs mask logits, got bool masks")
         else:
-            if x.dtype == torch.bool:
-                raise ValueError("the 'bce_dice' matching cost needs mask logits, got bool masks")
-            matrix = bce_dice_cost(x, truth, ignore_index)
-        pairs.append(hungarian_pairs(matrix, count))
+            matrix = bce_dice_cost(x, truth, ignore_index).detach().cpu().numpy()
+        pairs.append(hungarian_pairs(matrix, *counts))
     return pairs
 
 
