@@ -5,14 +5,15 @@ into ~64 text tokens. Recomputation re-runs the LLM over all of them at every ne
 them once (the prefill) and then one token per step, so the ratio grows with the prompt.
 
 Prints, per model size, both times side by side in one run, their ratio, the cached path split into the
-prefill and the mean decoding step, and whether both decode the same tokens. One CPU thread (the machine
-is shared; timings of the two paths stay comparable).
-Run: python benchmarks/generate.py [--new-tokens 64 --prompt-tokens 64 --image-tokens 256]
+prefill and the mean decoding step, and whether both decode the same tokens. One CPU thread. The machine
+is shared and noisy, so the two paths run alternately ``--repeats`` times and each figure is a median.
+Run: python benchmarks/generate.py [--new-tokens 64 --prompt-tokens 64 --image-tokens 256 --repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from collections.abc import Callable
 
@@ -49,10 +50,11 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens, the image placeholder included")
     parser.add_argument("--image-tokens", type=int, default=256, help="P, image tokens spliced into the prompt")
+    parser.add_argument("--repeats", type=int, default=5, help="alternating runs of each path (medians)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     print(f"greedy decoding of {args.new_tokens} tokens after {args.prompt_tokens} text + {args.image_tokens} "
-          "image tokens, batch 1, CPU fp32, 1 thread")
+          f"image tokens, batch 1, CPU fp32, 1 thread, medians of {args.repeats} alternating runs")
     print(f"{'model':<24}{'recompute s':>12}{'KV cache s':>11}{'speed-up':>9}{'prefill s':>10}"
           f"{'cached step ms':>15}  same tokens")
     for name, size in SIZES.items():
@@ -66,9 +68,14 @@ def main() -> None:
         with torch.no_grad():
             inputs = lmm.build_inputs(ids, torch.ones_like(ids), image, IMAGE_ID)
             lmm.generate(inputs, 4, -1)  # warm-up
-            prefill, _ = timed(lambda: lmm.generate(inputs, 1, -1))  # noqa: B023 (called at once)
-            fast, (fast_ids, _) = timed(lambda: lmm.generate(inputs, args.new_tokens, -1))  # noqa: B023
-            slow, slow_ids = timed(lambda: recompute(lmm, ids, image, args.new_tokens))  # noqa: B023
+            times = {"prefill": [], "cache": [], "recompute": []}
+            for _ in range(args.repeats):  # alternate the paths so that load changes hit both alike
+                times["prefill"].append(timed(lambda: lmm.generate(inputs, 1, -1))[0])  # noqa: B023
+                seconds, (fast_ids, _) = timed(lambda: lmm.generate(inputs, args.new_tokens, -1))  # noqa: B023
+                times["cache"].append(seconds)
+                seconds, slow_ids = timed(lambda: recompute(lmm, ids, image, args.new_tokens))  # noqa: B023
+                times["recompute"].append(seconds)
+        prefill, fast, slow = (statistics.median(times[k]) for k in ("prefill", "cache", "recompute"))
         step_ms = 1e3 * (fast - prefill) / max(args.new_tokens - 1, 1)
         print(f"{name:<24}{slow:>12.2f}{fast:>11.2f}{slow / fast:>8.1f}x{prefill:>10.3f}{step_ms:>15.1f}  "
               f"{torch.equal(slow_ids, fast_ids)}")
