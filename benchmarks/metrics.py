@@ -5,7 +5,7 @@ predictions are the targets shifted and shuffled, with a missing or an extra mas
 questions) until 10,000 ground-truth masks are seen: IoU of every (prediction, target) pair,
 the Hungarian assignment (scipy), unmatched masks against empty ones, gIoU and cIoU. The loop
 computes each pair's I and U with its own tensor ops, as a straightforward per-question
-evaluation does; ours bit-packs every mask once and counts all pairs of a batch in one operation.
+evaluation does; ours bit-packs every mask once and counts all pairs of a question in one operation.
 Questions are built chunk by chunk (untimed) and each chunk is timed by both, side by side.
 Checks that both give identical pairs (indices, I, U) and the same gIoU / cIoU.
 
