@@ -93,3 +93,8 @@ def test_text_order_pairs_and_concatenate():
     assert counts.tolist() == [2, 2, 1]
     with pytest.raises(ValueError, match="question 0: 2 predictions but 1"):
         text_order_pairs(logits[:1], [truth[1]])
+
+
+def test_ignore_index_must_not_be_a_mask_value():
+    with pytest.raises(ValueError, match="ignore_index must be 2-255"):
+        match_batch([row_masks([[0]])], [row_masks([[0]]).long()], ignore_index=1)

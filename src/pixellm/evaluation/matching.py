@@ -135,14 +135,16 @@ def pairwise_counts(
             neither I nor U of that ground truth.
         ignore_index: 2-255 (ground truth is compared as uint8).
     """
-    _check_batch(preds, targets)
+    _check_batch(preds, targets, ignore_index)
     return [
         PairwiseCounts(*(torch.from_numpy(a) for a in _question_counts(pred, truth, ignore_index)))
         for pred, truth in zip(preds, targets, strict=True)
     ]
 
 
-def _check_batch(preds: list[Tensor], targets: list[Tensor]) -> None:
+def _check_batch(preds: list[Tensor], targets: list[Tensor], ignore_index: int) -> None:
+    if not 2 <= ignore_index <= 255:
+        raise ValueError(f"ignore_index must be 2-255 (0 and 1 are mask values), got {ignore_index}")
     if len(preds) != len(targets):
         raise ValueError(f"{len(preds)} prediction sets but {len(targets)} ground-truth sets")
     for b, (pred, truth) in enumerate(zip(preds, targets, strict=True)):
@@ -225,7 +227,7 @@ def match_batch(
     """
     if cost not in MATCH_COSTS:
         raise ValueError(f"matching cost must be one of {MATCH_COSTS}, got {cost!r}")
-    _check_batch(logits, targets)
+    _check_batch(logits, targets, ignore_index)
     pairs = []
     for x, truth in zip(logits, targets, strict=True):
         counts = _question_counts(x if x.dtype == torch.bool else x > 0, truth, ignore_index)
