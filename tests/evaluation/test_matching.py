@@ -98,3 +98,30 @@ def test_text_order_pairs_and_concatenate():
 def test_ignore_index_must_not_be_a_mask_value():
     with pytest.raises(ValueError, match="ignore_index must be 2-255"):
         match_batch([row_masks([[0]])], [row_masks([[0]]).long()], ignore_index=1)
+
+
+def test_a_batch_of_mixed_mask_sizes_matches_question_by_question():
+    # Questions of two sizes (1 and 25 words per mask) interleaved, with empty prediction and
+    # ground-truth sets and ignored pixels: the batch is counted per size group, and every question
+    # must come back in its place with the pairs it gets alone.
+    generator = torch.Generator().manual_seed(1)
+    preds, targets = [], []
+    for count_p, count_g, side in [(3, 2, 40), (2, 3, 5), (0, 2, 40), (4, 4, 5), (2, 0, 40), (1, 1, 40)]:
+        preds.append(torch.rand(count_p, side, side, generator=generator) > 0.6)
+        truth = (torch.rand(count_g, side, side, generator=generator) > 0.6).long()
+        truth[:, :, :2] = 255
+        targets.append(truth)
+    batch = match_batch(preds, targets)
+    alone = [match_batch([pred], [truth])[0] for pred, truth in zip(preds, targets, strict=True)]
+    assert [p.num_targets for p in batch] == [2, 3, 2, 4, 0, 1]
+    for together, single, pred, truth in zip(batch, alone, preds, targets, strict=True):
+        assert together.pred_index.tolist() == single.pred_index.tolist()
+        assert together.gt_index.tolist() == single.gt_index.tolist()
+        assert together.union.tolist() == single.union.tolist()
+        for p, g, inter, union in zip(together.pred_index.tolist(), together.gt_index.tolist(),
+                                      together.intersection.tolist(), together.union.tolist(), strict=True):
+            size = truth.shape[1:]
+            mask = pred[p : p + 1] if p >= 0 else torch.zeros(1, *size, dtype=torch.bool)  # -1: empty
+            target = truth[g : g + 1] if g >= 0 else torch.zeros(1, *size, dtype=torch.long)
+            expected = intersection_union(mask, target)
+            assert (inter, union) == (expected[0].item(), expected[1].item())

@@ -83,42 +83,110 @@ def _bit_rows(masks: np.ndarray) -> np.ndarray:
 
 
 def _popcount(rows: np.ndarray) -> np.ndarray:
-    """(..., W) uint64 -> (...) float64 count of set bits over the last axis."""
-    return np.bitwise_count(rows).sum(-1, dtype=np.uint32).astype(np.float64)  # uint32: faster than int64
+    """(..., W) uint64 -> (...) uint32 count of set bits over the last axis."""
+    return np.bitwise_count(rows).sum(-1, dtype=np.uint32)  # uint32: faster than int64
 
 
 def _flat_numpy(masks: Tensor, dtype: torch.dtype) -> np.ndarray:
     """(K, H, W) tensor as a (K, H * W) CPU array of ``dtype``, without a copy where it already is one."""
     if masks.requires_grad:
         masks = masks.detach()
-    if masks.device.type != "cpu" or masks.dtype != dtype:
+    if not masks.is_cpu or masks.dtype != dtype:
         masks = masks.to("cpu", dtype)
     return masks.numpy().reshape(masks.shape[0], math.prod(masks.shape[1:]))
 
 
-def _question_counts(
-    pred: Tensor, truth: Tensor, ignore_index: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(P, G) intersection and union, (P,) |pred| and (G,) |truth| of one question, as float64 arrays.
+@dataclass(frozen=True)
+class _BitMasks:
+    """One question's masks, bit-packed (64 pixels per uint64 word, W words per mask)."""
 
-    Each mask is bit-packed once (64 pixels per word), then every (prediction, ground truth)
-    combination is one broadcast AND and popcount. Ignored pixels are packed and counted only
-    when the ground truth holds a value above 1.
-    """
-    num_pred = pred.shape[0]
+    pred: np.ndarray  # (P, W) the predictions
+    truth: np.ndarray  # (G, W) the ground-truth pixels equal to 1
+    ignored: np.ndarray | None  # (G, W) the ground-truth pixels equal to ignore_index; None if there are none
+
+
+def _pack(pred: Tensor, truth: Tensor, ignore_index: int) -> _BitMasks:
+    """Bit-packs a question's (P, H, W) bool predictions and (G, H, W) ground truth, each mask read once
+    (twice, plus a comparison, for ground truth that holds values above 1)."""
     truth = _flat_numpy(truth, torch.uint8)  # (G, N) {0, 1, ignore}
-    pred_bits = _bit_rows(_flat_numpy(pred, torch.bool))  # (P, W)
-    fg_bits = _bit_rows(truth)  # (G, W); packbits sets every non-zero pixel, ignored ones too
-    ignored_bits = _bit_rows(truth == ignore_index) if truth.size and truth.max() > 1 else None
-    if ignored_bits is not None:
-        fg_bits &= ~ignored_bits  # == 1 only
-    inter = _popcount(pred_bits[:, None] & fg_bits[None])  # (P, G)
-    sizes = _popcount(np.concatenate([pred_bits, fg_bits]))  # (P + G,)
-    pred_size, gt_size = sizes[:num_pred], sizes[num_pred:]
-    pred_valid = pred_size[:, None]  # (P, 1) |pred & valid_g| when nothing is ignored
-    if ignored_bits is not None and ignored_bits.any():
-        pred_valid = pred_valid - _popcount(pred_bits[:, None] & ignored_bits[None])  # (P, G)
-    return inter, pred_valid + gt_size[None] - inter, pred_size, gt_size
+    truth_bits = _bit_rows(truth)  # packbits sets every non-zero pixel, ignored ones too
+    ignored = None
+    if truth.size and truth.max() > 1:
+        ignored = _bit_rows(truth == ignore_index)
+        truth_bits ^= ignored  # == 1 only (ignored pixels are among the non-zero ones)
+        if not ignored.any():
+            ignored = None
+    return _BitMasks(_bit_rows(_flat_numpy(pred, torch.bool)), truth_bits, ignored)
+
+
+def _starts(sizes: np.ndarray) -> np.ndarray:
+    """(B,) sizes -> (B + 1,) offsets of consecutive blocks of those sizes."""
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+
+@dataclass(frozen=True)
+class _BatchCounts:
+    """Pixel counts of every (prediction, ground truth) pair of B questions, flat.
+
+    Question b's pairs are ``pair_start[b]:pair_start[b + 1]`` of ``intersection`` and ``union``,
+    row-major over its (P_b, G_b) matrix; its predictions are ``pred_start[b]:pred_start[b + 1]``
+    of ``pred_size`` and its ground truths ``gt_start[b]:gt_start[b + 1]`` of ``gt_size``.
+    """
+
+    num_pred: np.ndarray  # (B,) P_b
+    num_gt: np.ndarray  # (B,) G_b
+    pair_start: np.ndarray  # (B + 1,)
+    pred_start: np.ndarray  # (B + 1,)
+    gt_start: np.ndarray  # (B + 1,)
+    intersection: np.ndarray  # (sum P_b G_b,) float64
+    union: np.ndarray  # (sum P_b G_b,) float64
+    pred_size: np.ndarray  # (sum P_b,) float64 |pred|
+    gt_size: np.ndarray  # (sum G_b,) float64 |truth|
+
+    def matrix(self, flat: np.ndarray, b: int) -> np.ndarray:
+        """Question b's (P_b, G_b) view of a (pairs,) array laid out as ``intersection``."""
+        return flat[self.pair_start[b] : self.pair_start[b + 1]].reshape(self.num_pred[b], self.num_gt[b])
+
+    def question(self, b: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(P, G) intersection and union, (P,) |pred| and (G,) |truth| of question b (views)."""
+        return (
+            self.matrix(self.intersection, b),
+            self.matrix(self.union, b),
+            self.pred_size[self.pred_start[b] : self.pred_start[b + 1]],
+            self.gt_size[self.gt_start[b] : self.gt_start[b + 1]],
+        )
+
+
+def _batch_counts(preds: list[Tensor], targets: list[Tensor], ignore_index: int) -> _BatchCounts:
+    """I and U of every pair of every question of a batch (``pairwise_counts``), flat.
+
+    A question's pairs are one broadcast AND, into a buffer reused across questions and small
+    enough to stay in cache, and one popcount over its (P, G, W) words; the unions and everything
+    after are computed once for the batch.
+    """
+    _check_batch(preds, targets, ignore_index)
+    questions = [_pack(pred, truth, ignore_index) for pred, truth in zip(preds, targets, strict=True)]
+    num_pred = np.array([len(q.pred) for q in questions], dtype=np.int64)
+    num_gt = np.array([len(q.truth) for q in questions], dtype=np.int64)
+    pred_start, gt_start, pair_start = _starts(num_pred), _starts(num_gt), _starts(num_pred * num_gt)
+    inter, ignored_overlap = np.empty(pair_start[-1]), np.zeros(pair_start[-1])  # (pairs,) float64
+    pred_size, gt_size = np.empty(pred_start[-1]), np.empty(gt_start[-1])  # (sum P,), (sum G,)
+    buffer = np.empty(max((q.pred.size * len(q.truth) for q in questions), default=0), np.uint64)
+    for b, q in enumerate(questions):  # the float64 arrays take the uint32 counts exactly
+        pairs = slice(pair_start[b], pair_start[b + 1])
+        anded = buffer[: q.pred.size * len(q.truth)].reshape(len(q.pred), len(q.truth), q.pred.shape[1])  # (P, G, W)
+        inter[pairs] = _popcount(np.bitwise_and(q.pred[:, None], q.truth[None], out=anded)).ravel()
+        if q.ignored is not None:  # |pred & ignored_g|, outside the valid pixels of g
+            ignored_overlap[pairs] = _popcount(np.bitwise_and(q.pred[:, None], q.ignored[None], out=anded)).ravel()
+        pred_size[pred_start[b] : pred_start[b + 1]] = _popcount(q.pred)
+        gt_size[gt_start[b] : gt_start[b + 1]] = _popcount(q.truth)
+    question = np.repeat(np.arange(len(questions)), num_pred * num_gt)  # (pairs,) question of each pair
+    local = np.arange(pair_start[-1]) - pair_start[question]  # index in the question's (P, G) matrix
+    gt_count = np.maximum(num_gt[question], 1)  # never 0 where a pair exists
+    pair_pred = pred_start[question] + local // gt_count  # (pairs,) prediction of each pair
+    pair_gt = gt_start[question] + local % gt_count  # (pairs,) ground truth of each pair
+    union = pred_size[pair_pred] - ignored_overlap + gt_size[pair_gt] - inter
+    return _BatchCounts(num_pred, num_gt, pair_start, pred_start, gt_start, inter, union, pred_size, gt_size)
 
 
 def pairwise_counts(
@@ -126,8 +194,8 @@ def pairwise_counts(
 ) -> list[PairwiseCounts]:
     """I and U of every prediction against every ground truth of every question of a batch.
 
-    Exact integer counts from bit-packed masks: one AND and one popcount over (P, G, words) per
-    question, no per-pair or per-pixel Python loop.
+    Exact integer counts from bit-packed masks: one AND and one popcount over the (P, G, words)
+    of each question, no per-pair or per-pixel Python loop.
 
     Args:
         preds: B tensors (P_b, H_b, W_b) bool.
@@ -135,11 +203,8 @@ def pairwise_counts(
             neither I nor U of that ground truth.
         ignore_index: 2-255 (ground truth is compared as uint8).
     """
-    _check_batch(preds, targets, ignore_index)
-    return [
-        PairwiseCounts(*(torch.from_numpy(a) for a in _question_counts(pred, truth, ignore_index)))
-        for pred, truth in zip(preds, targets, strict=True)
-    ]
+    counts = _batch_counts(preds, targets, ignore_index)
+    return [PairwiseCounts(*(torch.from_numpy(a) for a in counts.question(b))) for b in range(len(preds))]
 
 
 def _check_batch(preds: list[Tensor], targets: list[Tensor], ignore_index: int) -> None:
@@ -180,31 +245,57 @@ def bce_dice_cost(logits: Tensor, target: Tensor, ignore_index: int = 255) -> Te
     return bce + dice
 
 
-def hungarian_pairs(
-    cost: np.ndarray, inter: np.ndarray, union: np.ndarray, pred_size: np.ndarray, gt_size: np.ndarray
-) -> MatchedPairs:
-    """The minimum-cost one-to-one assignment, completed with empty-mask pairs (see module doc).
+def _lone(taken: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The rows not in ``taken`` (bool, over the questions' rows laid out by ``start``): each one's
+    flat row, question and index within its question, ascending."""
+    rows = np.flatnonzero(~taken)
+    question = np.searchsorted(start, rows, side="right") - 1
+    return rows, question, rows - start[question]
+
+
+def _assign(counts: _BatchCounts, costs: list[np.ndarray]) -> list[MatchedPairs]:
+    """Each question's minimum-cost one-to-one assignment, completed with empty-mask pairs (module doc).
+
+    Only the assignment itself runs per question; the lone masks and the pair order are found for
+    the whole batch at once.
 
     Args:
-        cost: (P, G) cost of pairing prediction p with ground truth g.
-        inter, union: (P, G) pixel counts; pred_size: (P,) |pred|; gt_size: (G,) |truth|.
+        counts: the pixel counts of B questions.
+        costs: B (P_b, G_b) arrays, the cost of pairing prediction p with ground truth g.
     """
-    num_pred, num_gt = inter.shape
-    rows, cols = linear_sum_assignment(cost)  # rows ascending
-    pred_index, gt_index = rows.astype(np.int64), cols.astype(np.int64)
-    intersection, union = inter[rows, cols], union[rows, cols]
-    if num_pred != num_gt:  # the lone masks of the larger side, each against an empty mask
-        lone_pred = np.array(sorted(set(range(num_pred)) - set(rows.tolist())), dtype=np.int64)
-        lone_gt = np.array(sorted(set(range(num_gt)) - set(cols.tolist())), dtype=np.int64)
-        empty = np.full(len(lone_pred) + len(lone_gt), -1)
-        pred_index = np.concatenate([pred_index, lone_pred, empty[: len(lone_gt)]])
-        gt_index = np.concatenate([gt_index, empty[: len(lone_pred)], lone_gt])
-        intersection = np.concatenate([intersection, np.zeros(len(empty))])
-        union = np.concatenate([union, pred_size[lone_pred], gt_size[lone_gt]])
-    return MatchedPairs(
-        torch.from_numpy(pred_index), torch.from_numpy(gt_index), torch.from_numpy(intersection),
-        torch.from_numpy(union), num_gt,
+    assignments = [linear_sum_assignment(cost) for cost in costs]  # (rows ascending, cols) each
+    matched = np.array([len(rows) for rows, _ in assignments], dtype=np.int64)  # (B,) min(P_b, G_b)
+    question = np.repeat(np.arange(len(costs)), matched)  # (matched pairs,)
+    rows = np.concatenate([rows for rows, _ in assignments] or [np.zeros(0, np.int64)]).astype(np.int64)
+    cols = np.concatenate([cols for _, cols in assignments] or [np.zeros(0, np.int64)]).astype(np.int64)
+    pred_taken, gt_taken = np.zeros(counts.pred_start[-1], bool), np.zeros(counts.gt_start[-1], bool)
+    pred_taken[counts.pred_start[question] + rows] = True
+    gt_taken[counts.gt_start[question] + cols] = True
+    lone_pred, lone_pred_question, lone_pred_index = _lone(pred_taken, counts.pred_start)
+    lone_gt, lone_gt_question, lone_gt_index = _lone(gt_taken, counts.gt_start)
+    # Every pair reads its (I, U) from one table: the (P, G) pairs of all questions, then each
+    # prediction and each ground truth against an empty mask.
+    num_pairs, num_preds = counts.pair_start[-1], counts.pred_start[-1]
+    inter_table = np.concatenate([counts.intersection, np.zeros(num_preds + counts.gt_start[-1])])
+    union_table = np.concatenate([counts.union, counts.pred_size, counts.gt_size])
+    entry = np.concatenate([
+        counts.pair_start[question] + rows * counts.num_gt[question] + cols,
+        num_pairs + lone_pred,
+        num_pairs + num_preds + lone_gt,
+    ])
+    empty_pred, empty_gt = np.full(len(lone_gt), -1), np.full(len(lone_pred), -1)
+    pair_question = np.concatenate([question, lone_pred_question, lone_gt_question])
+    section = np.repeat([0, 1, 2], [len(question), len(lone_pred), len(lone_gt)])
+    order = np.lexsort((section, pair_question))  # per question: matched, lone predictions, lone truths
+    fields = (
+        np.concatenate([rows, lone_pred_index, empty_pred])[order],
+        np.concatenate([cols, empty_gt, lone_gt_index])[order],
+        inter_table[entry[order]],
+        union_table[entry[order]],
     )
+    lengths = np.bincount(pair_question, minlength=len(costs)).tolist()
+    split = [torch.from_numpy(field).split(lengths) for field in fields]  # one view per question
+    return [MatchedPairs(*question, int(g)) for *question, g in zip(*split, counts.num_gt, strict=True)]
 
 
 def match_batch(
@@ -227,19 +318,16 @@ def match_batch(
     """
     if cost not in MATCH_COSTS:
         raise ValueError(f"matching cost must be one of {MATCH_COSTS}, got {cost!r}")
-    _check_batch(logits, targets, ignore_index)
-    pairs = []
-    for x, truth in zip(logits, targets, strict=True):
-        counts = _question_counts(x if x.dtype == torch.bool else x > 0, truth, ignore_index)
-        inter, union = counts[0], counts[1]
-        if cost == "iou":
-            matrix = 1 - np.where(union == 0, 1.0, inter / (union + 1e-5))  # 1 - mask_iou, in float64
-        elif x.dtype == torch.bool:
-            raise ValueError("the 'bce_dice' matching cost needs mask logits, got bool masks")
-        else:
-            matrix = bce_dice_cost(x, truth, ignore_index).detach().cpu().numpy()
-        pairs.append(hungarian_pairs(matrix, *counts))
-    return pairs
+    if cost == "bce_dice" and any(x.dtype == torch.bool for x in logits):
+        raise ValueError("the 'bce_dice' matching cost needs mask logits, got bool masks")
+    counts = _batch_counts([x if x.dtype == torch.bool else x > 0 for x in logits], targets, ignore_index)
+    if cost == "iou":
+        inter, union = counts.intersection, counts.union
+        flat = 1 - np.where(union == 0, 1.0, inter / (union + 1e-5))  # (pairs,) 1 - mask_iou, in float64
+        costs = [counts.matrix(flat, b) for b in range(len(logits))]
+    else:
+        costs = [bce_dice_cost(x, truth, ignore_index).detach().cpu().numpy() for x, truth in zip(logits, targets, strict=True)]
+    return _assign(counts, costs)
 
 
 def text_order_pairs(
@@ -267,5 +355,6 @@ def concatenate(pairs: list[MatchedPairs]) -> tuple[Tensor, Tensor, Tensor]:
     if not pairs:
         empty = torch.zeros(0, dtype=torch.float64)
         return empty, empty, torch.zeros(0, dtype=torch.long)
-    counts = torch.cat([torch.full((len(p.intersection),), p.num_targets, dtype=torch.long) for p in pairs])
+    lengths = torch.tensor([len(p.intersection) for p in pairs])
+    counts = torch.tensor([p.num_targets for p in pairs]).repeat_interleave(lengths)  # (M,)
     return torch.cat([p.intersection for p in pairs]), torch.cat([p.union for p in pairs]), counts
