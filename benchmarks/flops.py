@@ -231,7 +231,12 @@ def main() -> None:
                 print(f"  {part:<26}{flops / 1e12:>9.3f} TFLOPs {100 * flops / total:>6.1f} %")
     print("\nPixelLM / LISA (paper: 0.50 at 7B, 0.65 at 13B):")
     for size in LLMS:
-        print(f"  {size}: {totals['PixelLM', size] / totals['LISA', size]:.2f}")
+        print(f"  {size}: {totals['PixelLM', size] / totals['LISA', size]:.3f}")
+    lisa_answer = args.answer_tokens - 5 * args.targets  # the same answer text, one [SEG] per target, not 6 tokens
+    print(f"PixelLM / LISA with LISA's answer as the same text with one [SEG] per target ({lisa_answer} tokens):")
+    for size in LLMS:
+        shorter = sum(lisa(size, args.prompt_tokens, lisa_answer, args.targets).values())
+        print(f"  {size}: {totals['PixelLM', size] / shorter:.3f} (LISA-{size} {shorter / 1e12:.2f} TFLOPs)")
     paper_convention(totals, llm, args.answer_tokens)
 
 

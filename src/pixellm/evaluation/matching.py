@@ -84,7 +84,7 @@ def _bit_rows(masks: np.ndarray) -> np.ndarray:
 
 def _popcount(rows: np.ndarray) -> np.ndarray:
     """(..., W) uint64 -> (...) uint32 count of set bits over the last axis."""
-    return np.bitwise_count(rows).sum(-1, dtype=np.uint32)  # uint32: faster than int64
+    return np.add.reduce(np.bitwise_count(rows), axis=-1, dtype=np.uint32)  # uint32: faster than int64
 
 
 def _flat_numpy(masks: Tensor, dtype: torch.dtype) -> np.ndarray:
@@ -111,7 +111,7 @@ def _pack(pred: Tensor, truth: Tensor, ignore_index: int) -> _BitMasks:
     truth = _flat_numpy(truth, torch.uint8)  # (G, N) {0, 1, ignore}
     truth_bits = _bit_rows(truth)  # packbits sets every non-zero pixel, ignored ones too
     ignored = None
-    if truth.size and truth.max() > 1:
+    if truth.size and np.maximum.reduce(truth, axis=None) > 1:
         ignored = _bit_rows(truth == ignore_index)
         truth_bits ^= ignored  # == 1 only (ignored pixels are among the non-zero ones)
         if not ignored.any():
