@@ -283,7 +283,7 @@ def _assign(counts: _BatchCounts, costs: list[np.ndarray]) -> list[MatchedPairs]
         num_pairs + lone_pred,
         num_pairs + num_preds + lone_gt,
     ])
-    empty_pred, empty_gt = np.full(len(lone_gt), -1), np.full(len(lone_pred), -1)
+    empty_pred, empty_gt = np.full(len(lone_gt), -1), np.full(len(lone_pred), -1)  # the other side of lone pairs
     pair_question = np.concatenate([question, lone_pred_question, lone_gt_question])
     section = np.repeat([0, 1, 2], [len(question), len(lone_pred), len(lone_gt)])
     order = np.lexsort((section, pair_question))  # per question: matched, lone predictions, lone truths
@@ -295,7 +295,7 @@ def _assign(counts: _BatchCounts, costs: list[np.ndarray]) -> list[MatchedPairs]
     )
     lengths = np.bincount(pair_question, minlength=len(costs)).tolist()
     split = [torch.from_numpy(field).split(lengths) for field in fields]  # one view per question
-    return [MatchedPairs(*question, int(g)) for *question, g in zip(*split, counts.num_gt, strict=True)]
+    return [MatchedPairs(*pairs, int(g)) for *pairs, g in zip(*split, counts.num_gt, strict=True)]
 
 
 def match_batch(
