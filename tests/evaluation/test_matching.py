@@ -102,8 +102,8 @@ def test_ignore_index_must_not_be_a_mask_value():
 
 def test_a_batch_of_mixed_mask_sizes_matches_question_by_question():
     # Questions of two sizes (1 and 25 words per mask) interleaved, with empty prediction and
-    # ground-truth sets and ignored pixels: the batch is counted per size group, and every question
-    # must come back in its place with the pairs it gets alone.
+    # ground-truth sets and ignored pixels: the batch is counted into one set of flat arrays, and
+    # every question must come back in its place with the pairs it gets alone.
     generator = torch.Generator().manual_seed(1)
     preds, targets = [], []
     for count_p, count_g, side in [(3, 2, 40), (2, 3, 5), (0, 2, 40), (4, 4, 5), (2, 0, 40), (1, 1, 40)]:
