@@ -105,7 +105,7 @@ def pixellm_parts(
     group = (codebook.num_scales, codebook.tokens_per_scale)
     code_states = states[0, : targets * codebook.group_size].reshape(targets, *group, -1)  # (K, L, N, H)
     parts["codebook + fusion"], queries = count(lambda: codebook(code_states))  # (K, L, D)
-    parts["p_V->D projection"], maps = count(lambda: [projection(f) for f in features])  # L x (1, D, h, w)
+    parts["p_V->D projection"], maps = count(lambda: projection(features))  # L x (1, D, h, w)
     batch_index = torch.zeros(targets, dtype=torch.long, device="meta")
     parts["pixel decoder"], _ = count(lambda: decoder(maps, queries, batch_index))  # (K, 2^L h, 2^L w)
     return parts

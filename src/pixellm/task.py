@@ -134,7 +134,7 @@ class PixelLMTask(LightningModule):
     def decode_masks(self, features: list[Tensor], targets: GatheredTargets, batch: dict) -> list[Tensor]:
         """Mask logits of every target, per question at the original image size (K_b, H_b, W_b)."""
         queries = self.codebook(targets.states)  # (T, L, D)
-        decoder_features = [self.projection(f) for f in features]  # L x (B, D, h, w)
+        decoder_features = self.projection(features)  # L x (B, D, h, w)
         logits = self.decoder(decoder_features, queries, targets.batch_index)  # (T, h', w')
         return self.decoder.postprocess(
             logits,

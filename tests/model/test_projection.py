@@ -1,6 +1,8 @@
 """Vision-to-decoder projection p_V->D."""
 
+import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from pixellm.model.projection import VisionDecoderProjection
 
@@ -8,8 +10,8 @@ from pixellm.model.projection import VisionDecoderProjection
 def test_projection_maps_channels_and_normalises_each_pixel():
     torch.manual_seed(0)
     proj = VisionDecoderProjection(in_channels=12, out_channels=8, mlp_dim=16, embed_dim=10)
-    out = proj(torch.randn(2, 12, 5, 7))
-    assert out.shape == (2, 8, 5, 7)
+    out, small = proj([torch.randn(2, 12, 5, 7), torch.randn(2, 12, 3, 3)])
+    assert out.shape == (2, 8, 5, 7) and small.shape == (2, 8, 3, 3)
     # the neck ends in LayerNorm2d (weight 1, bias 0 at init): every pixel's channels are standardised
     assert torch.allclose(out.mean(1), torch.zeros(2, 5, 7), atol=1e-5)
     assert torch.allclose(out.var(1, unbiased=False), torch.ones(2, 5, 7), atol=1e-3)
@@ -21,6 +23,36 @@ def test_projection_is_pointwise_before_the_3x3_conv():
     x = torch.randn(1, 4, 6, 6)
     y = x.clone()
     y[..., 0, 0] += 5.0  # change one pixel: only its 3x3 neighbourhood may move
-    diff = (proj(x) - proj(y)).abs().sum(1)[0]
+    diff = (proj([x])[0] - proj([y])[0]).abs().sum(1)[0]
     assert diff[0, 0] > 0 and diff[:2, :2].ne(0).all()
     assert diff[2:, :].eq(0).all() and diff[:, 2:].eq(0).all()
+
+
+def layer_by_layer(proj: VisionDecoderProjection, x: torch.Tensor) -> torch.Tensor:
+    """The release's order: the token MLP, then every layer of the neck."""
+    return proj.neck(proj.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
+
+
+@pytest.mark.parametrize(
+    ("mlp_dim", "embed_dim", "out_channels", "folded"),
+    [(64, 48, 4, True), (64, 4, 32, False)],  # E >> D as in the release: product; E << D, M: one after the other
+)
+def test_projection_equals_the_layers_applied_in_turn_with_the_fewest_multiply_adds(mlp_dim, embed_dim, out_channels, folded):
+    torch.manual_seed(0)
+    proj = VisionDecoderProjection(in_channels=5, out_channels=out_channels, mlp_dim=mlp_dim, embed_dim=embed_dim)
+    for norm in (proj.neck[1], proj.neck[3]):  # non-trivial norms, so that every parameter counts
+        torch.nn.init.normal_(norm.weight)
+        torch.nn.init.normal_(norm.bias)
+    maps = [torch.randn(2, 5, 4, 4, dtype=torch.float64), torch.randn(2, 5, 2, 2, dtype=torch.float64)]
+    proj.double()
+    with FlopCounterMode(display=False) as counter:
+        outputs = proj(maps)
+    for out, x in zip(outputs, maps, strict=True):
+        assert torch.allclose(out, layer_by_layer(proj, x), rtol=1e-10, atol=1e-10)
+    tokens = 2 * (16 + 4)
+    pointwise = mlp_dim * out_channels * (embed_dim + tokens) if folded else tokens * (mlp_dim * embed_dim + embed_dim * out_channels)
+    macs = tokens * 5 * mlp_dim + pointwise + tokens * out_channels * out_channels * 9
+    assert counter.get_total_flops() == 2 * macs
+    (layer_by_layer(proj, maps[0]).sum() - proj(maps)[0].sum()).backward()  # same function: gradients cancel
+    for name, parameter in proj.named_parameters():
+        assert parameter.grad.abs().max() < 1e-9, name
