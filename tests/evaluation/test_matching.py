@@ -102,14 +102,16 @@ def test_ignore_index_must_not_be_a_mask_value():
 
 def test_a_batch_of_mixed_mask_sizes_matches_question_by_question():
     # Questions of two sizes (1 and 25 words per mask) interleaved, with empty prediction and
-    # ground-truth sets and ignored pixels: the batch is counted into one set of flat arrays, and
+    # ground-truth sets and ignored pixels, shared by all targets or not: the batch is counted into one set of flat arrays, and
     # every question must come back in its place with the pairs it gets alone.
     generator = torch.Generator().manual_seed(1)
     preds, targets = [], []
     for count_p, count_g, side in [(3, 2, 40), (2, 3, 5), (0, 2, 40), (4, 4, 5), (2, 0, 40), (1, 1, 40)]:
         preds.append(torch.rand(count_p, side, side, generator=generator) > 0.6)
         truth = (torch.rand(count_g, side, side, generator=generator) > 0.6).long()
-        truth[:, :, :2] = 255
+        truth[:, :, :2] = 255  # the same ignored pixels in every target (counted once)...
+        if side == 5:
+            truth[:1, -1, -1] = 255  # ...except in the small questions: one target ignores one more
         targets.append(truth)
     batch = match_batch(preds, targets)
     alone = [match_batch([pred], [truth])[0] for pred, truth in zip(preds, targets, strict=True)]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -82,27 +82,21 @@ def _bit_rows(masks: np.ndarray) -> np.ndarray:
     return bits.view(np.uint64)
 
 
-def _popcount(rows: np.ndarray) -> np.ndarray:
-    """(..., W) uint64 -> (...) uint32 count of set bits over the last axis."""
-    return np.add.reduce(np.bitwise_count(rows), axis=-1, dtype=np.uint32)  # uint32: faster than int64
-
-
 def _flat_numpy(masks: Tensor, dtype: torch.dtype) -> np.ndarray:
     """(K, H, W) tensor as a (K, H * W) CPU array of ``dtype``, without a copy where it already is one."""
-    if masks.requires_grad:
-        masks = masks.detach()
-    if not masks.is_cpu or masks.dtype != dtype:
-        masks = masks.to("cpu", dtype)
-    return masks.numpy().reshape(masks.shape[0], math.prod(masks.shape[1:]))
+    if masks.dtype != dtype or masks.requires_grad or not masks.is_cpu:
+        masks = masks.detach().to("cpu", dtype)
+    array = masks.numpy()
+    return array.reshape(len(array), array[0].size if len(array) else math.prod(array.shape[1:]))
 
 
-@dataclass(frozen=True)
-class _BitMasks:
+class _BitMasks(NamedTuple):
     """One question's masks, bit-packed (64 pixels per uint64 word, W words per mask)."""
 
     pred: np.ndarray  # (P, W) the predictions
     truth: np.ndarray  # (G, W) the ground-truth pixels equal to 1
-    ignored: np.ndarray | None  # (G, W) the ground-truth pixels equal to ignore_index; None if there are none
+    ignored: np.ndarray  # (G, W) the ground-truth pixels equal to ignore_index; (1, W) where the G rows are
+    # the same (an image's void pixels), (0, W) where there are none
 
 
 def _pack(pred: Tensor, truth: Tensor, ignore_index: int) -> _BitMasks:
@@ -110,12 +104,14 @@ def _pack(pred: Tensor, truth: Tensor, ignore_index: int) -> _BitMasks:
     (twice, plus a comparison, for ground truth that holds values above 1)."""
     truth = _flat_numpy(truth, torch.uint8)  # (G, N) {0, 1, ignore}
     truth_bits = _bit_rows(truth)  # packbits sets every non-zero pixel, ignored ones too
-    ignored = None
-    if truth.size and np.maximum.reduce(truth, axis=None) > 1:
+    ignored = truth_bits[:0]
+    if truth.size and truth.max() > 1:
         ignored = _bit_rows(truth == ignore_index)
         truth_bits ^= ignored  # == 1 only (ignored pixels are among the non-zero ones)
         if not ignored.any():
-            ignored = None
+            ignored = ignored[:0]
+        elif (ignored[1:] == ignored[0]).all():
+            ignored = ignored[:1]
     return _BitMasks(_bit_rows(_flat_numpy(pred, torch.bool)), truth_bits, ignored)
 
 
@@ -160,33 +156,65 @@ class _BatchCounts:
 def _batch_counts(preds: list[Tensor], targets: list[Tensor], ignore_index: int) -> _BatchCounts:
     """I and U of every pair of every question of a batch (``pairwise_counts``), flat.
 
-    A question's pairs are one broadcast AND, into a buffer reused across questions and small
-    enough to stay in cache, and one popcount over its (P, G, W) words; the unions and everything
-    after are computed once for the batch.
+    Per question: one broadcast AND of its (P, G, W) words, into a buffer reused across questions and
+    small enough to stay in cache, and the set bits of every word of those pairs and of its masks,
+    counted into one array for the batch. One ``reduceat`` then sums every row of words, and the
+    unions and everything after are computed once for the batch.
     """
     _check_batch(preds, targets, ignore_index)
     questions = [_pack(pred, truth, ignore_index) for pred, truth in zip(preds, targets, strict=True)]
     num_pred = np.array([len(q.pred) for q in questions], dtype=np.int64)
     num_gt = np.array([len(q.truth) for q in questions], dtype=np.int64)
-    pred_start, gt_start, pair_start = _starts(num_pred), _starts(num_gt), _starts(num_pred * num_gt)
-    inter, ignored_overlap = np.empty(pair_start[-1]), np.zeros(pair_start[-1])  # (pairs,) float64
-    pred_size, gt_size = np.empty(pred_start[-1]), np.empty(gt_start[-1])  # (sum P,), (sum G,)
+    words = np.array([q.pred.shape[1] for q in questions], dtype=np.int64)  # (B,) W_b
+    ignored_rows = np.array([len(q.ignored) for q in questions], dtype=np.int64)  # (B,) 0, 1 or G_b
+    num_pairs = num_pred * num_gt
+    pred_start, gt_start, pair_start = _starts(num_pred), _starts(num_gt), _starts(num_pairs)
+    # Question b's rows of W_b counts: its P G pairs, P predictions, G ground truths, then, where it
+    # has ignored pixels, its predictions against them: P G rows, or P where all G ignore the same pixels.
+    rows = num_pairs + num_pred * (1 + ignored_rows) + num_gt  # (B,)
+    row_start, count_start = _starts(rows), _starts(rows * words)
+    counted = np.empty(count_start[-1] + 1, np.uint8)  # set bits per word (<= 64); + 1: a start for empty rows
+    counted[-1] = 0
     buffer = np.empty(max((q.pred.size * len(q.truth) for q in questions), default=0), np.uint64)
-    for b, q in enumerate(questions):  # the float64 arrays take the uint32 counts exactly
-        pairs = slice(pair_start[b], pair_start[b + 1])
-        anded = buffer[: q.pred.size * len(q.truth)].reshape(len(q.pred), len(q.truth), q.pred.shape[1])  # (P, G, W)
-        inter[pairs] = _popcount(np.bitwise_and(q.pred[:, None], q.truth[None], out=anded)).ravel()
-        if q.ignored is not None:  # |pred & ignored_g|, outside the valid pixels of g
-            ignored_overlap[pairs] = _popcount(np.bitwise_and(q.pred[:, None], q.ignored[None], out=anded)).ravel()
-        pred_size[pred_start[b] : pred_start[b + 1]] = _popcount(q.pred)
-        gt_size[gt_start[b] : gt_start[b + 1]] = _popcount(q.truth)
-    question = np.repeat(np.arange(len(questions)), num_pred * num_gt)  # (pairs,) question of each pair
-    local = np.arange(pair_start[-1]) - pair_start[question]  # index in the question's (P, G) matrix
+    for b, q in enumerate(questions):
+        (p, w), g = q.pred.shape, len(q.truth)
+        anded = buffer[: p * g * w].reshape(p, g, w)  # (P, G, W)
+        pairs, preds, truths = count_start[b], count_start[b] + p * g * w, count_start[b] + (p * g + p) * w
+        ignored = truths + g * w
+        np.bitwise_count(np.bitwise_and(q.pred[:, None], q.truth[None], out=anded), out=counted[pairs:preds].reshape(p, g, w))
+        np.bitwise_count(q.pred, out=counted[preds:truths].reshape(p, w))
+        np.bitwise_count(q.truth, out=counted[truths:ignored].reshape(g, w))
+        if len(q.ignored):
+            anded = np.bitwise_and(q.pred[:, None], q.ignored[None], out=anded[:, : len(q.ignored)])
+            np.bitwise_count(anded, out=counted[ignored : count_start[b + 1]].reshape(anded.shape))
+    row_question = np.repeat(np.arange(len(questions)), rows)  # (R,)
+    row_words = words[row_question]
+    row_counts = count_start[row_question] + (np.arange(row_start[-1]) - row_start[row_question]) * row_words
+    sums = np.add.reduceat(counted, row_counts, dtype=np.uint32)  # (R,) set bits per row
+    sums[row_words == 0] = 0  # rows of masks without pixels: reduceat took a single count there
+    question, local = _members(num_pairs, pair_start)  # (pairs,) each pair's question and index in it
+    inter = sums[row_start[question] + local].astype(np.float64)  # exact: uint32 counts
+    pred_question, pred_local = _members(num_pred, pred_start)
+    pred_size = sums[row_start[pred_question] + num_pairs[pred_question] + pred_local].astype(np.float64)
+    gt_question, gt_local = _members(num_gt, gt_start)
+    gt_size = sums[row_start[gt_question] + num_pairs[gt_question] + num_pred[gt_question] + gt_local].astype(np.float64)
     gt_count = np.maximum(num_gt[question], 1)  # never 0 where a pair exists
-    pair_pred = pred_start[question] + local // gt_count  # (pairs,) prediction of each pair
-    pair_gt = gt_start[question] + local % gt_count  # (pairs,) ground truth of each pair
+    pred_index, gt_index = local // gt_count, local % gt_count  # (pairs,) in the question
+    pair_pred, pair_gt = pred_start[question] + pred_index, gt_start[question] + gt_index
+    ignored_overlap = np.zeros(pair_start[-1])  # (pairs,) |pred & ignored_g|, outside the valid pixels of g
+    pair_ignored_rows = ignored_rows[question]
+    with_ignored = pair_ignored_rows > 0
+    first_ignored = row_start[question] + num_pairs[question] + num_pred[question] + num_gt[question]
+    ignored_row = first_ignored + pred_index * pair_ignored_rows + np.minimum(gt_index, pair_ignored_rows - 1)
+    ignored_overlap[with_ignored] = sums[ignored_row[with_ignored]]
     union = pred_size[pair_pred] - ignored_overlap + gt_size[pair_gt] - inter
     return _BatchCounts(num_pred, num_gt, pair_start, pred_start, gt_start, inter, union, pred_size, gt_size)
+
+
+def _members(sizes: np.ndarray, start: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For blocks of ``sizes`` laid out from ``start``: each element's block and index within it."""
+    block = np.repeat(np.arange(len(sizes)), sizes)
+    return block, np.arange(start[-1]) - start[block]
 
 
 def pairwise_counts(
