@@ -208,6 +208,7 @@ def paper_convention(totals: dict, llm: dict, answer_tokens: int) -> None:
         print(row)
 
 
+@torch.no_grad()  # inference, as Table 1: p_V->D takes its product form (pixellm.model.projection)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens of the prompt, image excluded")
