@@ -11,9 +11,9 @@ through the project's own classes, and one sample is pushed through it under
   1024 px (timm ``samvit_huge_patch16``), LISA's text_hidden_fcs on the [SEG] state, and a SAM mask decoder
   (our ``TwoWayTransformer`` at 64x64 + SAM's 4x output upscaling, 4 hypernetworks, IoU head).
 
-One sample = one forward over the whole sequence (prompt text + P image tokens + answer; a KV-cached
-generation does the same matmuls), LM-head logits at the answer positions only, masks for ``--targets``
-targets. FlopCounterMode counts matmuls/convolutions/attention as 2 FLOPs per multiply-add; MACs = FLOPs / 2.
+One sample = greedy generation with the KV cache, as ``LlavaLMM.generate`` runs it: a prefill over the prompt
+(text + P image tokens), then one cached step per answer token but the last (never fed back), LM-head logits
+at the A positions that emit the answer, masks for ``--targets`` targets. FlopCounterMode counts matmuls/convolutions/attention as 2 FLOPs per multiply-add; MACs = FLOPs / 2.
 Bilinear resizes, norms and activations are not counted (they are < 0.1 % here).
 
 Run: python benchmarks/flops.py [--prompt-tokens 64 --answer-tokens 32 --targets 3]
@@ -28,6 +28,7 @@ import timm
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
+from transformers import DynamicCache
 
 from pixellm.model.codebook import SegmentationCodebook
 from pixellm.model.decoder import CascadedPixelDecoder, FourierPositionalEncoding
@@ -67,22 +68,38 @@ def build_llm(size: str, vision_channels: int, image_pool_size: int | None) -> L
     return lmm
 
 
-def llm_flops(lmm: LlavaLMM, image_embeds: Tensor, text_tokens: int, answer_tokens: int) -> tuple[int, Tensor]:
-    """The LLM over [text | image | answer] embeddings and the LM head on the answer positions.
+def llm_flops(
+    lmm: LlavaLMM, image_embeds: Tensor, text_tokens: int, answer_tokens: int, *, generation: bool = True
+) -> tuple[int, Tensor]:
+    """The LLM over [text | image | answer] embeddings and the LM head at the A positions that emit the answer.
 
-    This is the prefill call of ``LlavaLMM.generate`` (``use_cache=True``, no padding mask): the training
-    forward's ``use_cache=False`` path runs transformers' packed-sequence check, which reads tensor values
-    and cannot run on meta. The matmuls are the same.
+    ``generation=True`` counts greedy decoding as ``LlavaLMM.generate`` runs it: a prefill over the prompt, then
+    one cached step per answer token but the last, which is never fed back. ``generation=False`` counts one
+    forward over the whole sequence (teacher forcing, as in training), run with ``use_cache=True`` and no padding
+    mask: the training forward's ``use_cache=False`` path runs transformers' packed-sequence check, which reads
+    tensor values and cannot run on meta. The matmuls are the same.
+
+    Returns:
+        The FLOPs and (1, A, H) the last-layer states that emit the answer tokens.
     """
-    length = text_tokens + image_embeds.shape[1] + answer_tokens
-    embeds = meta(1, length, lmm.hidden_size)  # (1, S', H)
+    prompt = text_tokens + image_embeds.shape[1]
+    width = lmm.hidden_size
 
-    def run() -> Tensor:
-        hidden = lmm.language_model(inputs_embeds=embeds, use_cache=True).last_hidden_state  # (1, S', H)
-        lmm.lm_head(hidden[:, -answer_tokens:])  # (1, A, V)
-        return hidden
+    def forward() -> Tensor:
+        hidden = lmm.language_model(inputs_embeds=meta(1, prompt + answer_tokens, width), use_cache=True)
+        states = hidden.last_hidden_state[:, prompt - 1 : -1]  # (1, A, H)
+        lmm.lm_head(states)  # (1, A, V)
+        return states
 
-    return count(run)
+    def generate() -> Tensor:
+        cache = DynamicCache(config=lmm.language_model.config)
+        states = [lmm.cached_forward(meta(1, prompt, width), cache)[:, -1:]]  # (1, 1, H) each
+        states += [lmm.cached_forward(meta(1, 1, width), cache) for _ in range(answer_tokens - 1)]
+        states = torch.cat(states, dim=1)  # (1, A, H)
+        lmm.lm_head(states)  # (1, A, V)
+        return states
+
+    return count(generate if generation else forward)
 
 
 def pixellm_parts(
@@ -94,13 +111,16 @@ def pixellm_parts(
     text_tokens: int,
     answer_tokens: int,
     targets: int,
+    *,
+    generation: bool = True,
 ) -> dict[str, int]:
-    """Per-part forward FLOPs of one sample through PixelLM parts built on the meta device."""
+    """Per-part forward FLOPs of one sample through PixelLM parts built on the meta device (``generation``:
+    as in ``llm_flops``)."""
     size = vision.image_size
     parts = {}
     parts["vision encoder"], features = count(lambda: vision(meta(1, 3, size, size)))  # L x (1, C, h, w)
     image_flops, image_embeds = count(lambda: lmm.embed_image(features[0]))  # (1, P, H)
-    llm, states = llm_flops(lmm, image_embeds, text_tokens, answer_tokens)
+    llm, states = llm_flops(lmm, image_embeds, text_tokens, answer_tokens, generation=generation)
     parts["LLM (+ p_V->T, LM head)"] = image_flops + llm
     group = (codebook.num_scales, codebook.tokens_per_scale)
     code_states = states[0, : targets * codebook.group_size].reshape(targets, *group, -1)  # (K, L, N, H)
@@ -232,12 +252,12 @@ def main() -> None:
                 print(f"  {part:<26}{flops / 1e12:>9.3f} TFLOPs {100 * flops / total:>6.1f} %")
     print("\nPixelLM / LISA (paper: 0.50 at 7B, 0.65 at 13B):")
     for size in LLMS:
-        print(f"  {size}: {totals['PixelLM', size] / totals['LISA', size]:.3f}")
+        print(f"  {size}: {totals['PixelLM', size] / totals['LISA', size]:.4f}")
     lisa_answer = args.answer_tokens - 5 * args.targets  # the same answer text, one [SEG] per target, not 6 tokens
     print(f"PixelLM / LISA with LISA's answer as the same text with one [SEG] per target ({lisa_answer} tokens):")
     for size in LLMS:
         shorter = sum(lisa(size, args.prompt_tokens, lisa_answer, args.targets).values())
-        print(f"  {size}: {totals['PixelLM', size] / shorter:.3f} (LISA-{size} {shorter / 1e12:.2f} TFLOPs)")
+        print(f"  {size}: {totals['PixelLM', size] / shorter:.4f} (LISA-{size} {shorter / 1e12:.2f} TFLOPs)")
     paper_convention(totals, llm, args.answer_tokens)
 
 

@@ -108,7 +108,7 @@ def training_flops_per_sample(shape: dict, text_tokens: int, answer_tokens: int,
     with torch.device("meta"):
         parts = build_parts(shape, gradient_checkpointing=False)
         parts["lmm"].extend_vocabulary(shape["vocab"] + 1 + GROUP)
-    flops = pixellm_parts(*parts.values(), text_tokens, answer_tokens, targets)
+    flops = pixellm_parts(*parts.values(), text_tokens, answer_tokens, targets, generation=False)
     multiplier = {"vision encoder": 1, "LLM (+ p_V->T, LM head)": 2}
     return float(sum(multiplier.get(part, 3) * value for part, value in flops.items()))
 

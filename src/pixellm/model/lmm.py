@@ -320,39 +320,45 @@ class LlavaLMM(nn.Module):
             ids, states = self._greedy(inputs, max_new_tokens, eos_token_id)
         return ids.clone(), states.clone()
 
+    def cached_forward(
+        self,
+        inputs_embeds: Tensor,
+        cache: DynamicCache,
+        attention_mask: Tensor | None = None,
+        position_ids: Tensor | None = None,
+    ) -> Tensor:
+        """The LLM over new embeddings (B, S, H) after those held in ``cache``, which it extends.
+
+        Start with an empty ``DynamicCache(config=lmm.language_model.config)``; without ``position_ids`` the new
+        positions follow the cached ones. Returns the last-layer states (B, S, H).
+        """
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            **{self._cache_argument: cache},
+        ).last_hidden_state
+
     def _greedy(self, inputs: MultimodalInputs, max_new_tokens: int, eos_token_id: int) -> tuple[Tensor, Tensor]:
         """The decoding loop of :meth:`generate` (same arguments and results)."""
-        cache = {self._cache_argument: DynamicCache(config=self.language_model.config)}
+        cache = DynamicCache(config=self.language_model.config)
         mask = None if bool(inputs.attention_mask.all()) else inputs.attention_mask  # (B, S') or None
-        out = self.language_model(
-            inputs_embeds=inputs.inputs_embeds,
-            attention_mask=mask,
-            position_ids=inputs.position_ids,
-            use_cache=True,
-            **cache,
-        )
-        state = out.last_hidden_state[:, -1]  # (B, H)
+        state = self.cached_forward(inputs.inputs_embeds, cache, mask, inputs.position_ids)[:, -1]  # (B, H)
         position = inputs.position_ids[:, -1:]  # (B, 1)
         finished = torch.zeros(state.shape[0], dtype=torch.bool, device=state.device)
         head, embedding = self.lm_head, self.embed_tokens.weight
         ids, states = [], []
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             token = F.linear(state, head.weight, head.bias).argmax(-1)  # (B,)
             token = token.masked_fill(finished, eos_token_id)
             ids.append(token)
             states.append(state)
             finished |= token == eos_token_id
-            if bool(finished.all()):
-                break
+            if step == max_new_tokens - 1 or bool(finished.all()):
+                break  # the last token is never fed back: n tokens take the prefill and n - 1 steps
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             position = position + 1
-            out = self.language_model(
-                inputs_embeds=F.embedding(token[:, None], embedding),
-                attention_mask=mask,
-                position_ids=position,
-                use_cache=True,
-                **cache,
-            )
-            state = out.last_hidden_state[:, -1]
+            state = self.cached_forward(F.embedding(token[:, None], embedding), cache, mask, position)[:, -1]
         return torch.stack(ids, 1), torch.stack(states, 1)
