@@ -5,11 +5,12 @@ into ~64 text tokens. Recomputation re-runs the LLM over all of them at every ne
 them once (the prefill) and then one token per step, so the ratio grows with the prompt.
 
 Prints, per model size, both times side by side in one run, their ratio, the cached path split into the
-prefill and the mean decoding step, and whether both decode the same tokens. One CPU thread. The machine
-is shared and noisy, so the two paths run alternately ``--repeats`` times and each figure is a median;
+prefill and the mean decoding step, and whether both decode the same tokens. One CPU thread by default
+(``--device cuda``: a GPU, each run timed to its last kernel). The CPU machine is shared and noisy, so the two paths run alternately ``--repeats`` times and each figure is a median;
 "fastest" is the ratio of the two paths' fastest runs, the least disturbed by other load (a cached step
 is mostly per-call overhead, which suffers from a busy machine more than the recomputation's matmuls).
 Run: python benchmarks/generate.py [--new-tokens 64 --prompt-tokens 64 --image-tokens 256 --repeats 5]
+     python benchmarks/generate.py --sizes 7B --device cuda --dtype bfloat16   (LLaVA-7B's LLM on a GPU)
 """
 
 from __future__ import annotations
@@ -24,8 +25,11 @@ import torch
 from pixellm.model.lmm import LlavaLMM
 
 SIZES = {
-    "tiny (128 x 2 layers)": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
-    "mid (512 x 8 layers)": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+    "tiny": dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=1000),
+    "mid": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8, vocab_size=1000),
+    # LLaVA-7B's LLM (Llama-7B shape, flops.py), random weights: for a GPU (--device cuda --dtype bfloat16)
+    "7B": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+               vocab_size=32007),
 }
 IMAGE_ID = 999
 
@@ -41,9 +45,12 @@ def recompute(lmm: LlavaLMM, ids: torch.Tensor, image: torch.Tensor, steps: int)
     return torch.stack(out, 1)
 
 
-def timed(fn: Callable[[], object]) -> tuple[float, object]:
+def timed(fn: Callable[[], object], device: torch.device) -> tuple[float, object]:
+    """Seconds of ``fn()`` (with the device's queued work finished) and its result."""
     start = time.perf_counter()
     result = fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return time.perf_counter() - start, result
 
 
@@ -53,34 +60,47 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens, the image placeholder included")
     parser.add_argument("--image-tokens", type=int, default=256, help="P, image tokens spliced into the prompt")
     parser.add_argument("--repeats", type=int, default=5, help="alternating runs of each path (medians)")
+    parser.add_argument("--sizes", default="tiny,mid", help=f"comma-separated, from {', '.join(SIZES)}")
+    parser.add_argument("--device", default="cpu", help="cpu (1 thread) or cuda")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--compile-layers", action="store_true", help="LlavaLMM(compile_layers=True): each decoder "
+                        "layer through torch.compile (compiled in the warm-up; a GPU, or a C++ compiler on CPU)")
     args = parser.parse_args()
+    sizes = args.sizes.split(",")
+    if unknown := set(sizes) - SIZES.keys():
+        parser.error(f"unknown sizes {sorted(unknown)}; choose from {', '.join(SIZES)}")
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    where = "CPU, 1 thread" if device.type == "cpu" else torch.cuda.get_device_name(device)
     torch.set_num_threads(1)
     print(f"greedy decoding of {args.new_tokens} tokens after {args.prompt_tokens} text + {args.image_tokens} "
-          f"image tokens, batch 1, CPU fp32, 1 thread, medians of {args.repeats} alternating runs")
+          f"image tokens, batch 1, {where}, {args.dtype}{', compiled layers' * args.compile_layers}, medians of {args.repeats} alternating runs")
     print(f"{'model':<24}{'recompute s':>12}{'KV cache s':>11}{'speed-up':>9}{'fastest':>9}{'prefill s':>10}"
           f"{'cached step ms':>15}  same tokens")
-    for name, size in SIZES.items():
+    for name in sizes:
+        size = SIZES[name]
         torch.manual_seed(0)
-        config = dict(vocab_size=1000, num_key_value_heads=size["num_attention_heads"],
-                      max_position_embeddings=1024, **size)
-        lmm = LlavaLMM(text_config=config, vision_channels=64).eval()
-        ids = torch.randint(0, 998, (1, args.prompt_tokens))
-        ids[0, 1] = IMAGE_ID
-        image = torch.randn(1, args.image_tokens, size["hidden_size"])
+        config = dict(num_key_value_heads=size["num_attention_heads"], max_position_embeddings=1024, **size)
+        with device:
+            lmm = LlavaLMM(text_config=config, vision_channels=64, compile_layers=args.compile_layers).to(dtype).eval()
+            ids = torch.randint(0, 998, (1, args.prompt_tokens))
+            ids[0, 1] = IMAGE_ID
+            image = torch.randn(1, args.image_tokens, size["hidden_size"], dtype=dtype)
         with torch.no_grad():
             inputs = lmm.build_inputs(ids, torch.ones_like(ids), image, IMAGE_ID)
             lmm.generate(inputs, 4, -1)  # warm-up
+            recompute(lmm, ids, image, 2)
             times = {"prefill": [], "cache": [], "recompute": []}
             for _ in range(args.repeats):  # alternate the paths so that load changes hit both alike
-                times["prefill"].append(timed(lambda: lmm.generate(inputs, 1, -1))[0])  # noqa: B023
-                seconds, (fast_ids, _) = timed(lambda: lmm.generate(inputs, args.new_tokens, -1))  # noqa: B023
+                times["prefill"].append(timed(lambda: lmm.generate(inputs, 1, -1), device)[0])  # noqa: B023
+                seconds, (fast_ids, _) = timed(lambda: lmm.generate(inputs, args.new_tokens, -1), device)  # noqa: B023
                 times["cache"].append(seconds)
-                seconds, slow_ids = timed(lambda: recompute(lmm, ids, image, args.new_tokens))  # noqa: B023
+                seconds, slow_ids = timed(lambda: recompute(lmm, ids, image, args.new_tokens), device)  # noqa: B023
                 times["recompute"].append(seconds)
         prefill, fast, slow = (statistics.median(times[k]) for k in ("prefill", "cache", "recompute"))
         step_ms = 1e3 * (fast - prefill) / max(args.new_tokens - 1, 1)
         best = min(times["recompute"]) / min(times["cache"])  # each path's fastest run: the least disturbed
-        print(f"{name:<24}{slow:>12.2f}{fast:>11.2f}{slow / fast:>8.1f}x{best:>8.1f}x{prefill:>10.3f}{step_ms:>15.1f}  "
+        label = f"{name} ({size['hidden_size']} x {size['num_hidden_layers']} layers)"
+        print(f"{label:<24}{slow:>12.2f}{fast:>11.2f}{slow / fast:>8.1f}x{best:>8.1f}x{prefill:>10.3f}{step_ms:>15.1f}  "
               f"{torch.equal(slow_ids, fast_ids)}")
 
 
