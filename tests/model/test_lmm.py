@@ -84,9 +84,8 @@ def test_generation_runs_the_llm_once_per_fed_token():
     lmm = make()
     prompt = torch.tensor([[1, IMAGE_ID, 4]])
     inputs = lmm.build_inputs(prompt, torch.ones_like(prompt), torch.randn(1, 4, 32), IMAGE_ID)
-    lengths = []
-    lmm.language_model.register_forward_hook(lambda module, args, kwargs, out: lengths.append(kwargs["inputs_embeds"].shape[1]),
-                                             with_kwargs=True)
+    lengths = []  # sequence length of every call of the first layer's query projection
+    lmm.language_model.layers[0].self_attn.q_proj.register_forward_hook(lambda module, args, out: lengths.append(args[0].shape[1]))
     ids, _ = lmm.generate(inputs, max_new_tokens=5, eos_token_id=-1)
     assert ids.shape == (1, 5)
     assert lengths == [3 + 4 - 1, 1, 1, 1, 1]  # the prefill (image token -> 4 embeddings), then 4 fed tokens: the 5th is not

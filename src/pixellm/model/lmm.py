@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,8 @@ from transformers import (
     LlavaConfig,
     LlavaForConditionalGeneration,
 )
+
+from pixellm.model.decoding import StaticLlamaDecoder, supports_static_decoding
 
 
 class _AddedRowsOnly(torch.autograd.Function):
@@ -342,23 +345,53 @@ class LlavaLMM(nn.Module):
 
     def _greedy(self, inputs: MultimodalInputs, max_new_tokens: int, eos_token_id: int) -> tuple[Tensor, Tensor]:
         """The decoding loop of :meth:`generate` (same arguments and results)."""
-        cache = DynamicCache(config=self.language_model.config)
-        mask = None if bool(inputs.attention_mask.all()) else inputs.attention_mask  # (B, S') or None
-        state = self.cached_forward(inputs.inputs_embeds, cache, mask, inputs.position_ids)[:, -1]  # (B, H)
+        state, step = self._decoding(inputs, max_new_tokens)  # (B, H) after the prompt, then one token per call
         position = inputs.position_ids[:, -1:]  # (B, 1)
         finished = torch.zeros(state.shape[0], dtype=torch.bool, device=state.device)
         head, embedding = self.lm_head, self.embed_tokens.weight
         ids, states = [], []
-        for step in range(max_new_tokens):
+        for index in range(max_new_tokens):
             token = F.linear(state, head.weight, head.bias).argmax(-1)  # (B,)
             token = token.masked_fill(finished, eos_token_id)
             ids.append(token)
             states.append(state)
             finished |= token == eos_token_id
-            if step == max_new_tokens - 1 or bool(finished.all()):
+            if index == max_new_tokens - 1 or bool(finished.all()):
                 break  # the last token is never fed back: n tokens take the prefill and n - 1 steps
+            position = position + 1
+            state = step(F.embedding(token[:, None], embedding), position)  # (B, H)
+        return torch.stack(ids, 1), torch.stack(states, 1)
+
+    def _decoding(
+        self, inputs: MultimodalInputs, max_new_tokens: int
+    ) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
+        """The prompt's last state (B, H) and ``step(embeds (B, 1, H), positions (B, 1)) -> (B, H)``, which
+        feeds one token per call: over a static cache (``pixellm.model.decoding``; a CUDA graph on GPU) for a
+        Llama, else over transformers' ``DynamicCache``."""
+        embeds, keep = inputs.inputs_embeds, inputs.attention_mask.bool()  # (B, S', H), (B, S')
+        prompt = embeds.shape[1]
+        if supports_static_decoding(self.language_model):
+            decoder = StaticLlamaDecoder(self.language_model, keep, prompt + max_new_tokens - 1)
+            state = decoder.forward(embeds, inputs.position_ids, torch.arange(prompt, device=embeds.device))[:, -1]
+            slot = torch.full((1,), prompt - 1, device=embeds.device)
+            run = None  # the one-token step, made (on GPU: captured) at the first call
+
+            def static_step(token_embeds: Tensor, positions: Tensor) -> Tensor:
+                nonlocal slot, run
+                slot = slot + 1
+                if run is None:
+                    run = decoder.step_function(token_embeds, positions, slot, graph=embeds.is_cuda)
+                return run(token_embeds, positions, slot)[:, -1]
+
+            return state, static_step
+        cache = DynamicCache(config=self.language_model.config)
+        mask = None if bool(keep.all()) else inputs.attention_mask  # (B, S') or None
+        state = self.cached_forward(embeds, cache, mask, inputs.position_ids)[:, -1]
+
+        def dynamic_step(token_embeds: Tensor, positions: Tensor) -> Tensor:
+            nonlocal mask
             if mask is not None:
                 mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            position = position + 1
-            state = self.cached_forward(F.embedding(token[:, None], embedding), cache, mask, position)[:, -1]
-        return torch.stack(ids, 1), torch.stack(states, 1)
+            return self.cached_forward(token_embeds, cache, mask, positions)[:, -1]
+
+        return state, dynamic_step

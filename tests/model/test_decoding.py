@@ -1,0 +1,64 @@
+"""Static-cache decoding (pixellm.model.decoding) against transformers' own forward and DynamicCache decoding."""
+
+import pytest
+import torch
+
+import pixellm.model.lmm as lmm_module
+from pixellm.model.decoding import StaticLlamaDecoder, supports_static_decoding
+from pixellm.model.lmm import LlavaLMM, LoraSettings
+
+IMAGE_ID = 39
+GROUPED = dict(  # grouped-query attention: 4 query heads share 2 key/value heads
+    vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+)
+
+
+def make(**kwargs) -> LlavaLMM:
+    torch.manual_seed(0)
+    return LlavaLMM(text_config=GROUPED, vision_channels=8, **kwargs).eval()
+
+
+def padded_inputs(lmm: LlavaLMM):
+    batch = torch.tensor([[0, 0, 1, IMAGE_ID, 4, 9], [1, 5, 6, IMAGE_ID, 3, 8]])  # row 0 left padded
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    return lmm.build_inputs(batch, mask, torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(1)), IMAGE_ID)
+
+
+def test_prompt_states_equal_the_transformers_forward_on_valid_positions():
+    lmm = make()
+    inputs = padded_inputs(lmm)
+    with torch.no_grad():
+        expected = lmm(inputs)  # (B, S', H) transformers' forward with the padding mask
+        decoder = StaticLlamaDecoder(lmm.language_model, inputs.attention_mask.bool(), max_length=12)
+        states = decoder.forward(inputs.inputs_embeds, inputs.position_ids, torch.arange(9))
+    valid = inputs.attention_mask.bool()
+    assert states.shape == (2, 9, 32)
+    assert torch.isfinite(states).all()  # padding positions too (each attends at least to itself)
+    torch.testing.assert_close(states[valid], expected[valid], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8, dropout=0.0)])
+def test_static_decoding_equals_dynamic_cache_decoding(monkeypatch: pytest.MonkeyPatch, lora):
+    lmm = make(lora=lora)
+    lmm.extend_vocabulary(GROUPED["vocab_size"] + 2)  # adds the adapters (LoRA runs) and two rows
+    lora_b = [parameter for name, parameter in lmm.named_parameters() if "lora_B" in name]
+    assert len(lora_b) == (0 if lora is None else 4)  # q_proj and v_proj of 2 layers
+    for parameter in lora_b:  # a non-zero update (B starts at 0), so that the adapters matter
+        torch.nn.init.normal_(parameter, std=0.5)
+    inputs = padded_inputs(lmm)
+    ids, states = lmm.generate(inputs, max_new_tokens=7, eos_token_id=-1)
+    monkeypatch.setattr(lmm_module, "supports_static_decoding", lambda model: False)
+    dynamic_ids, dynamic_states = lmm.generate(inputs, max_new_tokens=7, eos_token_id=-1)
+    assert ids.shape == (2, 7)
+    assert torch.equal(ids, dynamic_ids)
+    torch.testing.assert_close(states, dynamic_states, rtol=1e-5, atol=1e-5)
+
+
+def test_only_llama_models_are_decoded_statically():
+    lmm = make()
+    assert supports_static_decoding(lmm.language_model)
+    not_llama = torch.nn.Linear(2, 2)
+    assert not supports_static_decoding(not_llama)
+    with pytest.raises(ValueError, match="Llama"):
+        StaticLlamaDecoder(not_llama, torch.ones(1, 3, dtype=torch.bool), max_length=4)
