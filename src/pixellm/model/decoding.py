@@ -1,25 +1,22 @@
 """Greedy decoding of a Llama-architecture LLM over a preallocated KV cache (``LlavaLMM.generate``).
 
-At batch 1 a decoding step of transformers' eager Llama is bound by the host, not the device: about 0.9 ms
-of Python and kernel launches per decoder layer (README, Performance: 29.7 ms per step for LLaVA-7B's LLM on
-an H100, where reading its weights takes about 4 ms). `StaticLlamaDecoder` runs the same layers with less
-per-step work, and its steps have fixed shapes, so that on a GPU one step is captured once as a CUDA graph
-and replayed for every token.
+A cached decoding step of transformers' eager Llama is bound by per-call work on the host, not by
+arithmetic: 1.5-3 ms for a 2-layer toy on CPU, and about 0.9 ms per decoder layer on an H100 (29.7 ms per
+step for LLaVA-7B's LLM, where reading its weights takes about 4 ms; README, Performance).
+`StaticLlamaDecoder` runs the same layers with less of it:
 
 - The keys and values of every layer live in buffers of ``max_length`` slots, written in place
-  (``index_copy_``); attention always spans all slots, with a mask of the valid ones.
+  (``index_copy_``); attention always spans all slots, with a mask of the valid ones. Every step has the
+  same shapes, which is also what replaying a step as one CUDA graph needs (not built yet).
 - The step calls the decoder layers' own modules (norms, projections, MLP, rotary embedding), so LoRA
   (peft) layers, biases and rotary scaling work as in transformers; only the attention block is
   spelled out here (rotation, cache write, scaled dot-product attention with grouped heads).
 - Padding (left-padded batches): a padding slot is never attended to by other positions; each position
-  always attends to itself, so no attention row is empty (an empty row would give NaN, which the
-  next layer would write into the cache).
+  always attends to itself, so no attention row is empty (an empty row can give NaN on some kernels,
+  which the next layer would write into the cache).
 """
 
 from __future__ import annotations
-
-import warnings
-from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -98,36 +95,3 @@ class StaticLlamaDecoder:
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.model.norm(hidden)
-
-    def step_function(
-        self, embeds: Tensor, positions: Tensor, slot: Tensor, graph: bool
-    ) -> Callable[[Tensor, Tensor, Tensor], Tensor]:
-        """A one-token step ``step(embeds (B, 1, H), positions (B, 1), slot (1,)) -> (B, 1, H)``.
-
-        With ``graph`` (CUDA only), the step is captured once as a CUDA graph on the example inputs given
-        here and replayed on copies of the new inputs; the example step's cache write is to ``slot``, which
-        the first real step overwrites. Without, the step is :meth:`forward`.
-        """
-        if not graph:
-            return self.forward
-        inputs = (embeds.clone(), positions.clone(), slot.clone())
-        try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                self.forward(*inputs)  # warm-up outside the capture (allocator, library handles)
-            torch.cuda.current_stream().wait_stream(stream)
-            cuda_graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(cuda_graph):
-                output = self.forward(*inputs)
-        except RuntimeError as error:  # a module that cannot be captured: decode without the graph
-            warnings.warn(f"decoding without a CUDA graph: capturing the step failed ({error})", stacklevel=2)
-            return self.forward
-
-        def replay(new_embeds: Tensor, new_positions: Tensor, new_slot: Tensor) -> Tensor:
-            for static, new in zip(inputs, (new_embeds, new_positions, new_slot), strict=True):
-                static.copy_(new)
-            cuda_graph.replay()
-            return output
-
-        return replay

@@ -310,10 +310,12 @@ class LlavaLMM(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Greedy decoding with a KV cache: one prefill over the prompt, then one token per step.
 
-        A batch without padding runs with no attention mask at all (plain causal attention): transformers
-        then neither grows nor inspects a mask at every step (an all-ones check that is a host sync on GPU).
-        The loop runs under ``torch.inference_mode`` and calls the embedding and head weights directly (5-13 %
-        less per-token overhead on a small model); the results are returned as ordinary tensors.
+        A Llama LLM (LLaVA's, PixelLM's) decodes over a preallocated cache (``pixellm.model.decoding``, less
+        per-step overhead than transformers' forward); other models use transformers' ``DynamicCache``, where a
+        batch without padding runs with no attention mask at all (transformers then neither grows nor inspects
+        a mask at every step). The last generated token is never fed back. The loop runs under
+        ``torch.inference_mode`` and calls the embedding and head weights directly; the results are returned
+        as ordinary tensors.
 
         Returns:
             ids: (B, n) generated ids, ``eos_token_id`` repeated after a row has finished;
@@ -366,22 +368,19 @@ class LlavaLMM(nn.Module):
         self, inputs: MultimodalInputs, max_new_tokens: int
     ) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
         """The prompt's last state (B, H) and ``step(embeds (B, 1, H), positions (B, 1)) -> (B, H)``, which
-        feeds one token per call: over a static cache (``pixellm.model.decoding``; a CUDA graph on GPU) for a
-        Llama, else over transformers' ``DynamicCache``."""
+        feeds one token per call: over a static cache (``pixellm.model.decoding``) for a Llama, else over
+        transformers' ``DynamicCache``."""
         embeds, keep = inputs.inputs_embeds, inputs.attention_mask.bool()  # (B, S', H), (B, S')
         prompt = embeds.shape[1]
         if supports_static_decoding(self.language_model):
             decoder = StaticLlamaDecoder(self.language_model, keep, prompt + max_new_tokens - 1)
             state = decoder.forward(embeds, inputs.position_ids, torch.arange(prompt, device=embeds.device))[:, -1]
-            slot = torch.full((1,), prompt - 1, device=embeds.device)
-            run = None  # the one-token step, made (on GPU: captured) at the first call
+            slot = torch.full((1,), prompt - 1, device=embeds.device)  # the cache slot of the last fed token
 
             def static_step(token_embeds: Tensor, positions: Tensor) -> Tensor:
-                nonlocal slot, run
+                nonlocal slot
                 slot = slot + 1
-                if run is None:
-                    run = decoder.step_function(token_embeds, positions, slot, graph=embeds.is_cuda)
-                return run(token_embeds, positions, slot)[:, -1]
+                return decoder.forward(token_embeds, positions, slot)[:, -1]
 
             return state, static_step
         cache = DynamicCache(config=self.language_model.config)
