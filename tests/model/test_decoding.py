@@ -3,7 +3,6 @@
 import pytest
 import torch
 
-import pixellm.model.lmm as lmm_module
 from pixellm.model.decoding import StaticLlamaDecoder, supports_static_decoding
 from pixellm.model.lmm import LlavaLMM, LoraSettings
 
@@ -47,9 +46,13 @@ def test_static_decoding_equals_dynamic_cache_decoding(monkeypatch: pytest.Monke
     for parameter in lora_b:  # a non-zero update (B starts at 0), so that the adapters matter
         torch.nn.init.normal_(parameter, std=0.5)
     inputs = padded_inputs(lmm)
+    lengths, forward = [], StaticLlamaDecoder.forward  # the static decoder's calls, by sequence length
+    monkeypatch.setattr(StaticLlamaDecoder, "forward", lambda self, embeds, *rest: lengths.append(embeds.shape[1])
+                        or forward(self, embeds, *rest))
     ids, states = lmm.generate(inputs, max_new_tokens=7, eos_token_id=-1)
-    monkeypatch.setattr(lmm_module, "supports_static_decoding", lambda model: False)
-    dynamic_ids, dynamic_states = lmm.generate(inputs, max_new_tokens=7, eos_token_id=-1)
+    assert lengths == [9] + [1] * 6  # the prompt, then 6 fed tokens
+    dynamic_ids, dynamic_states = lmm.generate(inputs, max_new_tokens=7, eos_token_id=-1, static_cache=False)
+    assert len(lengths) == 7  # the DynamicCache path does not use it
     assert ids.shape == (2, 7)
     assert torch.equal(ids, dynamic_ids)
     torch.testing.assert_close(states, dynamic_states, rtol=1e-5, atol=1e-5)

@@ -306,7 +306,7 @@ class LlavaLMM(nn.Module):
         return F.cross_entropy(logits.float(), targets[keep])
 
     def generate(
-        self, inputs: MultimodalInputs, max_new_tokens: int, eos_token_id: int
+        self, inputs: MultimodalInputs, max_new_tokens: int, eos_token_id: int, static_cache: bool = True
     ) -> tuple[Tensor, Tensor]:
         """Greedy decoding with a KV cache: one prefill over the prompt, then one token per step.
 
@@ -317,12 +317,18 @@ class LlavaLMM(nn.Module):
         ``torch.inference_mode`` and calls the embedding and head weights directly; the results are returned
         as ordinary tensors.
 
+        Args:
+            inputs: the prompts, left-padded.
+            max_new_tokens: n, the most tokens to generate.
+            eos_token_id: the id that ends a row.
+            static_cache: decode a Llama over the static cache; False always uses ``DynamicCache``.
+
         Returns:
             ids: (B, n) generated ids, ``eos_token_id`` repeated after a row has finished;
             states: (B, n, H) the last-layer state that emitted each generated id.
         """
         with torch.inference_mode():
-            ids, states = self._greedy(inputs, max_new_tokens, eos_token_id)
+            ids, states = self._greedy(inputs, max_new_tokens, eos_token_id, static_cache)
         return ids.clone(), states.clone()
 
     def cached_forward(
@@ -345,9 +351,11 @@ class LlavaLMM(nn.Module):
             **{self._cache_argument: cache},
         ).last_hidden_state
 
-    def _greedy(self, inputs: MultimodalInputs, max_new_tokens: int, eos_token_id: int) -> tuple[Tensor, Tensor]:
+    def _greedy(
+        self, inputs: MultimodalInputs, max_new_tokens: int, eos_token_id: int, static_cache: bool
+    ) -> tuple[Tensor, Tensor]:
         """The decoding loop of :meth:`generate` (same arguments and results)."""
-        state, step = self._decoding(inputs, max_new_tokens)  # (B, H) after the prompt, then one token per call
+        state, step = self._decoding(inputs, max_new_tokens, static_cache)  # (B, H) after the prompt, then one token per call
         position = inputs.position_ids[:, -1:]  # (B, 1)
         finished = torch.zeros(state.shape[0], dtype=torch.bool, device=state.device)
         head, embedding = self.lm_head, self.embed_tokens.weight
@@ -365,14 +373,14 @@ class LlavaLMM(nn.Module):
         return torch.stack(ids, 1), torch.stack(states, 1)
 
     def _decoding(
-        self, inputs: MultimodalInputs, max_new_tokens: int
+        self, inputs: MultimodalInputs, max_new_tokens: int, static_cache: bool
     ) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
         """The prompt's last state (B, H) and ``step(embeds (B, 1, H), positions (B, 1)) -> (B, H)``, which
-        feeds one token per call: over a static cache (``pixellm.model.decoding``) for a Llama, else over
-        transformers' ``DynamicCache``."""
+        feeds one token per call: over a static cache (``pixellm.model.decoding``) for a Llama with
+        ``static_cache``, else over transformers' ``DynamicCache``."""
         embeds, keep = inputs.inputs_embeds, inputs.attention_mask.bool()  # (B, S', H), (B, S')
         prompt = embeds.shape[1]
-        if supports_static_decoding(self.language_model):
+        if static_cache and supports_static_decoding(self.language_model):
             decoder = StaticLlamaDecoder(self.language_model, keep, prompt + max_new_tokens - 1)
             state = decoder.forward(embeds, inputs.position_ids, torch.arange(prompt, device=embeds.device))[:, -1]
             slot = torch.full((1,), prompt - 1, device=embeds.device)  # the cache slot of the last fed token
