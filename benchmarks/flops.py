@@ -13,9 +13,9 @@ through the project's own classes, and one sample is pushed through it under
 
 One sample = greedy generation with the KV cache, as ``LlavaLMM.generate`` runs it: a prefill over the prompt
 (text + P image tokens), then one cached step per answer token but the last (never fed back), LM-head logits
-at the A positions that emit the answer, masks for ``--targets`` targets. (``generate``'s static cache also
-spans the slots not yet written, masked out: about 0.5 GFLOPs more at 7B, under 0.01 %; counted here through
-transformers' ``DynamicCache``, which holds only the written ones.) FlopCounterMode counts matmuls/convolutions/attention as 2 FLOPs per multiply-add; MACs = FLOPs / 2.
+at the A positions that emit the answer, masks for ``--targets`` targets. (Counted through transformers'
+``DynamicCache``; the decoding steps of ``generate``'s static cache also span the slots not yet written, masked
+out: 0.24 GFLOPs more at 7B, under 0.01 %.) FlopCounterMode counts matmuls/convolutions/attention as 2 FLOPs per multiply-add; MACs = FLOPs / 2.
 Bilinear resizes, norms and activations are not counted (they are < 0.1 % here).
 
 Run: python benchmarks/flops.py [--prompt-tokens 64 --answer-tokens 32 --targets 3]

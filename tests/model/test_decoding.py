@@ -30,11 +30,13 @@ def test_prompt_states_equal_the_transformers_forward_on_valid_positions():
     with torch.no_grad():
         expected = lmm(inputs)  # (B, S', H) transformers' forward with the padding mask
         decoder = StaticLlamaDecoder(lmm.language_model, inputs.attention_mask.bool(), max_length=12)
-        states = decoder.forward(inputs.inputs_embeds, inputs.position_ids, torch.arange(9))
+        states = decoder.forward(inputs.inputs_embeds, inputs.position_ids, torch.arange(9))  # all 12 slots
+        prefill = decoder.forward(inputs.inputs_embeds, inputs.position_ids, torch.arange(9), span=9)
     valid = inputs.attention_mask.bool()
     assert states.shape == (2, 9, 32)
     assert torch.isfinite(states).all()  # padding positions too (each attends at least to itself)
     torch.testing.assert_close(states[valid], expected[valid], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(prefill, states, rtol=1e-6, atol=1e-6)  # the empty slots change nothing
 
 
 @pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8, dropout=0.0)])
@@ -47,8 +49,8 @@ def test_static_decoding_equals_dynamic_cache_decoding(monkeypatch: pytest.Monke
         torch.nn.init.normal_(parameter, std=0.5)
     inputs = padded_inputs(lmm)
     lengths, forward = [], StaticLlamaDecoder.forward  # the static decoder's calls, by sequence length
-    monkeypatch.setattr(StaticLlamaDecoder, "forward", lambda self, embeds, *rest: lengths.append(embeds.shape[1])
-                        or forward(self, embeds, *rest))
+    monkeypatch.setattr(StaticLlamaDecoder, "forward", lambda self, embeds, *rest, **options: lengths.append(embeds.shape[1])
+                        or forward(self, embeds, *rest, **options))
     ids, states = lmm.generate(inputs, max_new_tokens=7, eos_token_id=-1)
     assert lengths == [9] + [1] * 6  # the prompt, then 6 fed tokens
     dynamic_ids, dynamic_states = lmm.generate(inputs, max_new_tokens=7, eos_token_id=-1, static_cache=False)

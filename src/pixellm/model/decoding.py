@@ -60,13 +60,15 @@ class StaticLlamaDecoder:
         self.slot_index = torch.arange(max_length, device=keep.device)  # (T_max,)
         self.grouped = config.num_key_value_heads != config.num_attention_heads
 
-    def forward(self, embeds: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
+    def forward(self, embeds: Tensor, positions: Tensor, slots: Tensor, span: int | None = None) -> Tensor:
         """Runs the model on new embeddings written into cache ``slots``; returns the last-layer states.
 
         Args:
             embeds: (B, S, H) input embeddings.
             positions: (B, S) rotary positions.
             slots: (S,) long, the cache slots of the S new positions (the same for every row).
+            span: attend to the first ``span`` slots only (the prompt's, in the prefill: the later ones are
+                empty); None: all of them, so that every decoding step has the same shapes.
 
         Returns:
             (B, S, H) after the final norm.
@@ -74,9 +76,9 @@ class StaticLlamaDecoder:
         batch, length, _ = embeds.shape
         cos, sin = self.model.rotary_emb(embeds, positions)  # (B, S, d) each
         cos, sin = cos[:, None], sin[:, None]  # (B, 1, S, d)
-        earlier = self.slot_index[None, :] <= slots[:, None]  # (S, T_max) causal
-        mask = (self.valid[:, None, :] & earlier[None]) | (self.slot_index[None, :] == slots[:, None])[None]
-        mask = mask[:, None]  # (B, 1, S, T_max)
+        index, valid = self.slot_index[:span], self.valid[:, :span]  # (T,), (B, T): the attended slots
+        earlier = index[None, :] <= slots[:, None]  # (S, T) causal
+        mask = ((valid[:, None, :] & earlier[None]) | (index[None, :] == slots[:, None])[None])[:, None]  # (B, 1, S, T)
         hidden = embeds
         for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
             attention = layer.self_attn
@@ -90,7 +92,8 @@ class StaticLlamaDecoder:
             keys.index_copy_(2, slots, key)
             values.index_copy_(2, slots, value)
             out = F.scaled_dot_product_attention(
-                query, keys, values, attn_mask=mask, scale=attention.scaling, enable_gqa=self.grouped
+                query, keys[:, :, :span], values[:, :, :span], attn_mask=mask, scale=attention.scaling,
+                enable_gqa=self.grouped,
             )  # (B, heads, S, d)
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))

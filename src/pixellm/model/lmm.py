@@ -382,7 +382,8 @@ class LlavaLMM(nn.Module):
         prompt = embeds.shape[1]
         if static_cache and supports_static_decoding(self.language_model):
             decoder = StaticLlamaDecoder(self.language_model, keep, prompt + max_new_tokens - 1)
-            state = decoder.forward(embeds, inputs.position_ids, torch.arange(prompt, device=embeds.device))[:, -1]
+            slots = torch.arange(prompt, device=embeds.device)  # (S',)
+            state = decoder.forward(embeds, inputs.position_ids, slots, span=prompt)[:, -1]
             slot = torch.full((1,), prompt - 1, device=embeds.device)  # the cache slot of the last fed token
 
             def static_step(token_embeds: Tensor, positions: Tensor) -> Tensor:
