@@ -67,3 +67,22 @@ def test_only_llama_models_are_decoded_statically():
     assert not supports_static_decoding(not_llama)
     with pytest.raises(ValueError, match="Llama"):
         StaticLlamaDecoder(not_llama, torch.ones(1, 3, dtype=torch.bool), max_length=4)
+
+
+def test_fsdp_sharded_layers_decode_with_the_dynamic_cache(tmp_path):
+    """FSDP gathers a unit's parameters only in the unit's own forward, which the static decoder bypasses."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    lmm = make()
+    inputs = padded_inputs(lmm)
+    expected, _ = lmm.generate(inputs, max_new_tokens=5, eos_token_id=-1)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        layers = lmm.language_model.layers
+        layers[0] = FullyShardedDataParallel(layers[0], use_orig_params=True, device_id=torch.device("cpu"))
+        assert not supports_static_decoding(lmm.language_model)
+        ids, _ = lmm.generate(inputs, max_new_tokens=5, eos_token_id=-1)
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(ids, expected)

@@ -195,3 +195,11 @@ def test_compiled_layers_match_the_plain_model_and_train():
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-3, atol=1e-5)
     assert grads[0].abs().sum() > 0
+
+
+def test_generation_needs_a_token_to_generate():
+    lmm = make()
+    prompt = torch.tensor([[1, IMAGE_ID, 4]])
+    inputs = lmm.build_inputs(prompt, torch.ones_like(prompt), torch.randn(1, 4, 32), IMAGE_ID)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1, got 0"):
+        lmm.generate(inputs, max_new_tokens=0, eos_token_id=-1)

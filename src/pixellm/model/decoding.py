@@ -6,11 +6,13 @@ step for LLaVA-7B's LLM, where reading its weights takes about 4 ms; README, Per
 `StaticLlamaDecoder` runs the same layers with less of it:
 
 - The keys and values of every layer live in buffers of ``max_length`` slots, written in place
-  (``index_copy_``); attention always spans all slots, with a mask of the valid ones. Every step has the
-  same shapes, which is also what replaying a step as one CUDA graph needs (not built yet).
+  (``index_copy_``); a decoding step attends to all slots (the prefill: to the prompt's), with a mask of
+  the valid ones. Every step has the same shapes, which is also what replaying a step as one CUDA graph
+  needs (not built yet).
 - The step calls the decoder layers' own modules (norms, projections, MLP, rotary embedding), so LoRA
   (peft) layers, biases and rotary scaling work as in transformers; only the attention block is
   spelled out here (rotation, cache write, scaled dot-product attention with grouped heads).
+- Models with FSDP units inside decode with transformers' ``DynamicCache`` (``supports_static_decoding``).
 - Padding (left-padded batches): a padding slot is never attended to by other positions; each position
   always attends to itself, so no attention row is empty (an empty row can give NaN on some kernels,
   which the next layer would write into the cache).
@@ -24,8 +26,22 @@ from torch import Tensor, nn
 
 
 def supports_static_decoding(model: nn.Module) -> bool:
-    """Whether ``model`` (a transformers language model without head) is a Llama the static decoder runs."""
-    return getattr(getattr(model, "config", None), "model_type", None) == "llama" and hasattr(model, "rotary_emb")
+    """Whether ``model`` (a transformers language model without head) is a Llama the static decoder runs.
+
+    Not when FSDP shards any of its modules: FSDP gathers a unit's parameters in that unit's forward, which
+    the static decoder bypasses by calling the layers' submodules (DeepSpeed ZeRO-3 hooks every module, and
+    FSDP wrapping the whole task gathers everything in the task's forward: both are fine).
+    """
+    is_llama = getattr(getattr(model, "config", None), "model_type", None) == "llama" and hasattr(model, "rotary_emb")
+    return is_llama and not _has_fsdp_units(model)
+
+
+def _has_fsdp_units(model: nn.Module) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    return any(isinstance(module, (FullyShardedDataParallel, FSDPModule)) for module in model.modules())
 
 
 def _rotate_half(x: Tensor) -> Tensor:

@@ -327,6 +327,8 @@ class LlavaLMM(nn.Module):
             ids: (B, n) generated ids, ``eos_token_id`` repeated after a row has finished;
             states: (B, n, H) the last-layer state that emitted each generated id.
         """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         with torch.inference_mode():
             ids, states = self._greedy(inputs, max_new_tokens, eos_token_id, static_cache)
         return ids.clone(), states.clone()
