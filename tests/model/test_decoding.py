@@ -86,3 +86,15 @@ def test_fsdp_sharded_layers_decode_with_the_dynamic_cache(tmp_path):
     finally:
         dist.destroy_process_group()
     assert torch.equal(ids, expected)
+
+
+def test_static_decoding_under_autocast_keeps_the_keys_dtype():
+    """bf16-mixed precision runs validation under autocast: projections give bf16, the weights stay fp32."""
+    lmm = make()
+    inputs = padded_inputs(lmm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ids, states = lmm.generate(inputs, max_new_tokens=7, eos_token_id=-1)
+        dynamic_ids, dynamic_states = lmm.generate(inputs, max_new_tokens=7, eos_token_id=-1, static_cache=False)
+    assert ids.shape == (2, 7) and torch.isfinite(states).all()
+    assert torch.equal(ids, dynamic_ids)
+    torch.testing.assert_close(states, dynamic_states, rtol=1e-5, atol=1e-5)

@@ -66,11 +66,11 @@ class StaticLlamaDecoder:
         self.model = model
         self.layers = list(model.layers[: config.num_hidden_layers])
         batch, prompt = keep.shape
-        attention = self.layers[0].self_attn
-        parameter = next(model.parameters())
-        shape = (batch, config.num_key_value_heads, max_length, attention.head_dim)
-        self.keys = [parameter.new_zeros(shape) for _ in self.layers]  # L x (B, KV heads, T_max, d)
-        self.values = [parameter.new_zeros(shape) for _ in self.layers]
+        self.cache_shape = (batch, config.num_key_value_heads, max_length, self.layers[0].self_attn.head_dim)
+        # L x (B, KV heads, T_max, d), made at the first write in the keys' dtype (under autocast that is not
+        # the weights' dtype)
+        self.keys: list[Tensor | None] = [None] * len(self.layers)
+        self.values: list[Tensor | None] = [None] * len(self.layers)
         self.valid = torch.ones(batch, max_length, dtype=torch.bool, device=keep.device)  # (B, T_max)
         self.valid[:, :prompt] = keep.bool()
         self.slot_index = torch.arange(max_length, device=keep.device)  # (T_max,)
@@ -96,7 +96,7 @@ class StaticLlamaDecoder:
         earlier = index[None, :] <= slots[:, None]  # (S, T) causal
         mask = ((valid[:, None, :] & earlier[None]) | (index[None, :] == slots[:, None])[None])[:, None]  # (B, 1, S, T)
         hidden = embeds
-        for layer, keys, values in zip(self.layers, self.keys, self.values, strict=True):
+        for number, layer in enumerate(self.layers):
             attention = layer.self_attn
             normed = layer.input_layernorm(hidden)
             heads = (batch, length, -1, attention.head_dim)
@@ -105,6 +105,9 @@ class StaticLlamaDecoder:
             value = attention.v_proj(normed).view(heads).transpose(1, 2)
             query = query * cos + _rotate_half(query) * sin
             key = key * cos + _rotate_half(key) * sin
+            if self.keys[number] is None:
+                self.keys[number], self.values[number] = key.new_zeros(self.cache_shape), value.new_zeros(self.cache_shape)
+            keys, values = self.keys[number], self.values[number]
             keys.index_copy_(2, slots, key)
             values.index_copy_(2, slots, value)
             out = F.scaled_dot_product_attention(
