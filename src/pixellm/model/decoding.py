@@ -11,7 +11,7 @@ step for LLaVA-7B's LLM, where reading its weights takes about 4 ms; README, Per
   needs (not built yet).
 - The step calls the decoder layers' own modules (norms, projections, MLP, rotary embedding), so LoRA
   (peft) layers, biases and rotary scaling work as in transformers; only the attention block is
-  spelled out here (rotation, cache write, scaled dot-product attention with grouped heads).
+  spelled out here (transformers' rotation, cache write, scaled dot-product attention with grouped heads).
 - Models with FSDP units inside decode with transformers' ``DynamicCache`` (``supports_static_decoding``).
 - Padding (left-padded batches): a padding slot is never attended to by other positions; each position
   always attends to itself, so no attention row is empty (an empty row can give NaN on some kernels,
@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 
 def supports_static_decoding(model: nn.Module) -> bool:
@@ -42,12 +43,6 @@ def _has_fsdp_units(model: nn.Module) -> bool:
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
     return any(isinstance(module, (FullyShardedDataParallel, FSDPModule)) for module in model.modules())
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    """(..., d) -> (..., d): the halves [x1, x2] as [-x2, x1] (RoPE's rotation, Llama's layout)."""
-    first, second = x.chunk(2, dim=-1)
-    return torch.cat((-second, first), dim=-1)
 
 
 class StaticLlamaDecoder:
@@ -91,7 +86,6 @@ class StaticLlamaDecoder:
         """
         batch, length, _ = embeds.shape
         cos, sin = self.model.rotary_emb(embeds, positions)  # (B, S, d) each
-        cos, sin = cos[:, None], sin[:, None]  # (B, 1, S, d)
         index, valid = self.slot_index[:span], self.valid[:, :span]  # (T,), (B, T): the attended slots
         earlier = index[None, :] <= slots[:, None]  # (S, T) causal
         mask = ((valid[:, None, :] & earlier[None]) | (index[None, :] == slots[:, None])[None])[:, None]  # (B, 1, S, T)
@@ -103,8 +97,7 @@ class StaticLlamaDecoder:
             query = attention.q_proj(normed).view(heads).transpose(1, 2)  # (B, heads, S, d)
             key = attention.k_proj(normed).view(heads).transpose(1, 2)  # (B, KV heads, S, d)
             value = attention.v_proj(normed).view(heads).transpose(1, 2)
-            query = query * cos + _rotate_half(query) * sin
-            key = key * cos + _rotate_half(key) * sin
+            query, key = apply_rotary_pos_emb(query, key, cos, sin)
             if self.keys[number] is None:
                 self.keys[number], self.values[number] = key.new_zeros(self.cache_shape), value.new_zeros(self.cache_shape)
             keys, values = self.keys[number], self.values[number]
