@@ -187,9 +187,9 @@ def _batch_counts(preds: list[Tensor], targets: list[Tensor], ignore_index: int)
         if len(q.ignored):
             anded = np.bitwise_and(q.pred[:, None], q.ignored[None], out=anded[:, : len(q.ignored)])
             np.bitwise_count(anded, out=counted[ignored : count_start[b + 1]].reshape(anded.shape))
-    row_question = np.repeat(np.arange(len(questions)), rows)  # (R,)
+    row_question, row_local = _members(rows, row_start)  # (R,) each row's question and index in it
     row_words = words[row_question]
-    row_counts = count_start[row_question] + (np.arange(row_start[-1]) - row_start[row_question]) * row_words
+    row_counts = count_start[row_question] + row_local * row_words
     sums = np.add.reduceat(counted, row_counts, dtype=np.uint32)  # (R,) set bits per row
     sums[row_words == 0] = 0  # rows of masks without pixels: reduceat took a single count there
     question, local = _members(num_pairs, pair_start)  # (pairs,) each pair's question and index in it
