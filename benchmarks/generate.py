@@ -67,7 +67,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (1 thread) or cuda")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--compile-layers", action="store_true", help="LlavaLMM(compile_layers=True): each decoder "
-                        "layer through torch.compile (compiled in the warm-up; a GPU, or a C++ compiler on CPU)")
+                        "layer through torch.compile (compiled in the warm-up; a GPU, or a C++ compiler on CPU). It "
+                        "reaches the recompute and DynamicCache paths only: the static cache calls the layers' parts")
     args = parser.parse_args()
     sizes = args.sizes.split(",")
     if unknown := set(sizes) - SIZES.keys():
