@@ -8,7 +8,9 @@ Prints, per model size, both times side by side in one run, their ratio, the cac
 prefill and the mean decoding step, and whether both decode the same tokens. Ours decodes a Llama over a
 static cache (``pixellm.model.decoding``); a third path, transformers' ``DynamicCache``
 (``generate(..., static_cache=False)``), shows what that gains ("static gain" = DynamicCache / ours).
-One CPU thread by default (``--device cuda``: a GPU, each run timed to its last kernel). The CPU machine
+One CPU thread by default (``--device cuda``: a GPU, each run timed to its last kernel; ours then replays its
+decoding step as a CUDA graph, and a fourth path, the same static cache run eagerly
+(``generate(..., cuda_graph=False)``), shows what the graph gains: "graph gain" = eager / ours). The CPU machine
 is shared and noisy, so the paths run alternately ``--repeats`` times and each figure is a median;
 "fastest" is the ratio of the two paths' fastest runs, the least disturbed by other load (a cached step
 is mostly per-call overhead, which suffers from a busy machine more than the recomputation's matmuls).
@@ -78,8 +80,10 @@ def main() -> None:
     torch.set_num_threads(1)
     print(f"greedy decoding of {args.new_tokens} tokens after {args.prompt_tokens} text + {args.image_tokens} "
           f"image tokens, batch 1, {where}, {args.dtype}{', compiled layers' * args.compile_layers}, medians of {args.repeats} alternating runs")
+    graphs = device.type == "cuda"
     print(f"{'model':<24}{'recompute s':>12}{'KV cache s':>11}{'speed-up':>9}{'fastest':>9}{'prefill s':>10}"
-          f"{'cached step ms':>15}{'DynamicCache s':>15}{'static gain':>12}  same tokens")
+          f"{'cached step ms':>15}{'DynamicCache s':>15}{'static gain':>12}"
+          + f"{'eager static s':>15}{'graph gain':>11}" * graphs + "  same tokens")
     for name in sizes:
         size = SIZES[name]
         torch.manual_seed(0)
@@ -93,22 +97,30 @@ def main() -> None:
             inputs = lmm.build_inputs(ids, torch.ones_like(ids), image, IMAGE_ID)
             lmm.generate(inputs, 4, -1)  # warm-up
             recompute(lmm, ids, image, 2)
-            times = {"prefill": [], "cache": [], "recompute": [], "dynamic": []}
+            times = {"prefill": [], "cache": [], "recompute": [], "dynamic": [], "eager": []}
             for _ in range(args.repeats):  # alternate the paths so that load changes hit both alike
                 times["prefill"].append(timed(lambda: lmm.generate(inputs, 1, -1), device)[0])  # noqa: B023
                 seconds, (fast_ids, _) = timed(lambda: lmm.generate(inputs, args.new_tokens, -1), device)  # noqa: B023
                 times["cache"].append(seconds)
                 seconds, slow_ids = timed(lambda: recompute(lmm, ids, image, args.new_tokens), device)  # noqa: B023
+                others = [slow_ids]  # every path's ids, compared with ours
                 times["recompute"].append(seconds)
                 seconds, (dynamic_ids, _) = timed(lambda: lmm.generate(inputs, args.new_tokens, -1, static_cache=False),  # noqa: B023
                                                   device)
                 times["dynamic"].append(seconds)
+                others.append(dynamic_ids)
+                if graphs:
+                    seconds, (eager_ids, _) = timed(lambda: lmm.generate(inputs, args.new_tokens, -1, cuda_graph=False),  # noqa: B023
+                                                    device)
+                    times["eager"].append(seconds)
+                    others.append(eager_ids)
         prefill, fast, slow, dynamic = (statistics.median(times[k]) for k in ("prefill", "cache", "recompute", "dynamic"))
         step_ms = 1e3 * (fast - prefill) / max(args.new_tokens - 1, 1)
         best = min(times["recompute"]) / min(times["cache"])  # each path's fastest run: the least disturbed
         label = f"{name} ({size['hidden_size']} x {size['num_hidden_layers']} layers)"
+        eager = f"{statistics.median(times['eager']):>15.2f}{statistics.median(times['eager']) / fast:>10.2f}x" if graphs else ""
         print(f"{label:<24}{slow:>12.2f}{fast:>11.2f}{slow / fast:>8.1f}x{best:>8.1f}x{prefill:>10.3f}{step_ms:>15.1f}"
-              f"{dynamic:>15.2f}{dynamic / fast:>11.2f}x  {torch.equal(slow_ids, fast_ids) and torch.equal(dynamic_ids, fast_ids)}")
+              f"{dynamic:>15.2f}{dynamic / fast:>11.2f}x{eager}  {all(torch.equal(other, fast_ids) for other in others)}")
 
 
 if __name__ == "__main__":

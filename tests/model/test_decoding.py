@@ -3,7 +3,12 @@
 import pytest
 import torch
 
-from pixellm.model.decoding import StaticLlamaDecoder, supports_static_decoding
+from pixellm.model.decoding import (
+    CudaGraphStep,
+    StaticLlamaDecoder,
+    supports_cuda_graph,
+    supports_static_decoding,
+)
 from pixellm.model.lmm import LlavaLMM, LoraSettings
 
 IMAGE_ID = 39
@@ -18,10 +23,11 @@ def make(**kwargs) -> LlavaLMM:
     return LlavaLMM(text_config=GROUPED, vision_channels=8, **kwargs).eval()
 
 
-def padded_inputs(lmm: LlavaLMM):
+def padded_inputs(lmm: LlavaLMM, device: str = "cpu"):
     batch = torch.tensor([[0, 0, 1, IMAGE_ID, 4, 9], [1, 5, 6, IMAGE_ID, 3, 8]])  # row 0 left padded
     mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
-    return lmm.build_inputs(batch, mask, torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(1)), IMAGE_ID)
+    image = torch.randn(2, 4, 32, generator=torch.Generator().manual_seed(1))
+    return lmm.build_inputs(batch.to(device), mask.to(device), image.to(device), IMAGE_ID)
 
 
 def test_prompt_states_equal_the_transformers_forward_on_valid_positions():
@@ -98,3 +104,43 @@ def test_static_decoding_under_autocast_keeps_the_keys_dtype():
     assert ids.shape == (2, 7) and torch.isfinite(states).all()
     assert torch.equal(ids, dynamic_ids)
     torch.testing.assert_close(states, dynamic_states, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cuda_graph_step_needs_the_prompt_run_first():
+    lmm = make()
+    inputs = padded_inputs(lmm)
+    decoder = StaticLlamaDecoder(lmm.language_model, inputs.attention_mask.bool(), max_length=12)
+    with pytest.raises(ValueError, match="prompt has run"):
+        CudaGraphStep(decoder)
+    assert not supports_cuda_graph(lmm.language_model)  # CPU weights: generate runs the step eagerly
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("autocast", [False, True])
+def test_cuda_graph_decoding_equals_eager_static_decoding(monkeypatch: pytest.MonkeyPatch, autocast: bool):
+    """The graph is captured once (two Python calls of the step: the eager first step and the capture) and
+    replayed for the other five fed tokens, with the eager step's ids and states."""
+    lmm = make(lora=LoraSettings(r=4, alpha=8, dropout=0.0))
+    lmm.extend_vocabulary(GROUPED["vocab_size"] + 2)
+    for name, parameter in lmm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(parameter, std=0.5)
+    lmm = lmm.cuda()
+    assert supports_cuda_graph(lmm.language_model)
+    inputs = padded_inputs(lmm, "cuda")
+    lengths, forward = [], StaticLlamaDecoder.forward
+    monkeypatch.setattr(StaticLlamaDecoder, "forward", lambda self, embeds, *rest, **options: lengths.append(embeds.shape[1])
+                        or forward(self, embeds, *rest, **options))
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=autocast):
+        ids, states = lmm.generate(inputs, max_new_tokens=7, eos_token_id=-1)
+        assert lengths == [9, 1, 1]  # prompt, first step, capture: the other 5 steps are replays
+        eager_ids, eager_states = lmm.generate(inputs, max_new_tokens=7, eos_token_id=-1, cuda_graph=False)
+    assert lengths[3:] == [9] + [1] * 6
+    assert ids.shape == (2, 7) and torch.isfinite(states).all()
+    assert torch.equal(ids, eager_ids)
+    tolerance = 1e-2 if autocast else 1e-5  # the same kernels, but the graph's may run another cuBLAS algorithm
+    torch.testing.assert_close(states, eager_states, rtol=tolerance, atol=tolerance)

@@ -7,8 +7,8 @@ step for LLaVA-7B's LLM, where reading its weights takes about 4 ms; README, Per
 
 - The keys and values of every layer live in buffers of ``max_length`` slots, written in place
   (``index_copy_``); a decoding step attends to all slots (the prefill: to the prompt's), with a mask of
-  the valid ones. Every step has the same shapes, which is also what replaying a step as one CUDA graph
-  needs (not built yet).
+  the valid ones. Every step has the same shapes, so on a GPU a step is captured once as a CUDA graph
+  and replayed for every later token (`CudaGraphStep`): one launch instead of a dozen per layer.
 - The step calls the decoder layers' own modules (norms, projections, MLP, rotary embedding), so LoRA
   (peft) layers, biases and rotary scaling work as in transformers; only the attention block is
   spelled out here (transformers' rotation, cache write, scaled dot-product attention with grouped heads).
@@ -35,6 +35,14 @@ def supports_static_decoding(model: nn.Module) -> bool:
     """
     is_llama = getattr(getattr(model, "config", None), "model_type", None) == "llama" and hasattr(model, "rotary_emb")
     return is_llama and not _has_fsdp_units(model)
+
+
+def supports_cuda_graph(model: nn.Module) -> bool:
+    """Whether a step of ``model``'s static decoding can be replayed as a CUDA graph: its weights are on a GPU
+    and stay where they are between steps (not DeepSpeed ZeRO-3 partitions, which its hooks gather and free
+    at every call, outside anything a graph records)."""
+    parameters = list(model.parameters())
+    return all(p.is_cuda for p in parameters) and not any(hasattr(p, "ds_id") for p in parameters)
 
 
 def _has_fsdp_units(model: nn.Module) -> bool:
@@ -110,3 +118,50 @@ class StaticLlamaDecoder:
             hidden = hidden + attention.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         return self.model.norm(hidden)
+
+
+class CudaGraphStep:
+    """One decoding step of a `StaticLlamaDecoder` (one new token per row), captured as a CUDA graph.
+
+    The first call runs the step eagerly (on a side stream: the warm-up capture needs) and captures it; every
+    later call copies its inputs into the captured ones and replays the graph. Under autocast the step is
+    captured with autocast's weight cache off, so the graph casts the weights itself rather than reading
+    casts that autocast frees when its region ends.
+
+    Args:
+        decoder: the decoder, its prompt already run (the caches exist: the graph writes into them).
+    """
+
+    def __init__(self, decoder: StaticLlamaDecoder) -> None:
+        if any(keys is None for keys in decoder.keys):
+            raise ValueError("CudaGraphStep needs a decoder whose prompt has run (its caches are allocated)")
+        self.decoder = decoder
+        self.graph: torch.cuda.CUDAGraph | None = None
+        self.inputs: tuple[Tensor, Tensor, Tensor] = ()  # the captured step's embeds, positions, slots
+        self.output: Tensor | None = None  # (B, 1, H) the captured step's result, rewritten at every replay
+
+    def __call__(self, embeds: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
+        """``decoder.forward(embeds (B, 1, H), positions (B, 1), slots (1,))``, as a new (B, 1, H) tensor."""
+        if self.graph is None:
+            return self._capture(embeds, positions, slots)
+        for captured, given in zip(self.inputs, (embeds, positions, slots), strict=True):
+            captured.copy_(given)
+        self.graph.replay()
+        return self.output.clone()
+
+    def _capture(self, embeds: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
+        device = embeds.device
+        self.inputs = (embeds.clone(), positions.clone(), slots.clone())
+        autocast = torch.autocast(
+            "cuda", dtype=torch.get_autocast_dtype("cuda"), enabled=torch.is_autocast_enabled("cuda"), cache_enabled=False
+        )
+        main, side = torch.cuda.current_stream(device), torch.cuda.Stream(device)
+        side.wait_stream(main)
+        with torch.cuda.stream(side), autocast:
+            first = self.decoder.forward(*self.inputs)  # (B, 1, H) the step itself, which is also the warm-up
+        main.wait_stream(side)
+        first.record_stream(main)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph), autocast:  # records the kernels without running them
+            self.output = self.decoder.forward(*self.inputs)
+        return first

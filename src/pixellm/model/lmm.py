@@ -27,7 +27,12 @@ from transformers import (
     LlavaForConditionalGeneration,
 )
 
-from pixellm.model.decoding import StaticLlamaDecoder, supports_static_decoding
+from pixellm.model.decoding import (
+    CudaGraphStep,
+    StaticLlamaDecoder,
+    supports_cuda_graph,
+    supports_static_decoding,
+)
 
 
 class _AddedRowsOnly(torch.autograd.Function):
@@ -306,12 +311,18 @@ class LlavaLMM(nn.Module):
         return F.cross_entropy(logits.float(), targets[keep])
 
     def generate(
-        self, inputs: MultimodalInputs, max_new_tokens: int, eos_token_id: int, static_cache: bool = True
+        self,
+        inputs: MultimodalInputs,
+        max_new_tokens: int,
+        eos_token_id: int,
+        static_cache: bool = True,
+        cuda_graph: bool = True,
     ) -> tuple[Tensor, Tensor]:
         """Greedy decoding with a KV cache: one prefill over the prompt, then one token per step.
 
         A Llama LLM (LLaVA's, PixelLM's) decodes over a preallocated cache (``pixellm.model.decoding``, less
-        per-step overhead than transformers' forward); other models use transformers' ``DynamicCache``, where a
+        per-step overhead than transformers' forward), and on a GPU replays its decoding step as a CUDA graph
+        captured at the first step of the call; other models use transformers' ``DynamicCache``, where a
         batch without padding runs with no attention mask at all (transformers then neither grows nor inspects
         a mask at every step). The last generated token is never fed back. The loop runs under
         ``torch.inference_mode`` and calls the embedding and head weights directly; the results are returned
@@ -322,6 +333,8 @@ class LlavaLMM(nn.Module):
             max_new_tokens: n, the most tokens to generate.
             eos_token_id: the id that ends a row.
             static_cache: decode a Llama over the static cache; False always uses ``DynamicCache``.
+            cuda_graph: replay the static cache's decoding step as a CUDA graph when the LLM's weights are on a
+                GPU (``pixellm.model.decoding.supports_cuda_graph``); False runs it eagerly.
 
         Returns:
             ids: (B, n) generated ids, ``eos_token_id`` repeated after a row has finished;
@@ -330,7 +343,7 @@ class LlavaLMM(nn.Module):
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         with torch.inference_mode():
-            ids, states = self._greedy(inputs, max_new_tokens, eos_token_id, static_cache)
+            ids, states = self._greedy(inputs, max_new_tokens, eos_token_id, static_cache, cuda_graph)
         return ids.clone(), states.clone()
 
     def cached_forward(
@@ -354,10 +367,10 @@ class LlavaLMM(nn.Module):
         ).last_hidden_state
 
     def _greedy(
-        self, inputs: MultimodalInputs, max_new_tokens: int, eos_token_id: int, static_cache: bool
+        self, inputs: MultimodalInputs, max_new_tokens: int, eos_token_id: int, static_cache: bool, cuda_graph: bool
     ) -> tuple[Tensor, Tensor]:
         """The decoding loop of :meth:`generate` (same arguments and results)."""
-        state, step = self._decoding(inputs, max_new_tokens, static_cache)  # (B, H) after the prompt, then one token per call
+        state, step = self._decoding(inputs, max_new_tokens, static_cache, cuda_graph)  # (B, H) after the prompt, then one token per call
         position = inputs.position_ids[:, -1:]  # (B, 1)
         finished = torch.zeros(state.shape[0], dtype=torch.bool, device=state.device)
         head, embedding = self.lm_head, self.embed_tokens.weight
@@ -375,11 +388,11 @@ class LlavaLMM(nn.Module):
         return torch.stack(ids, 1), torch.stack(states, 1)
 
     def _decoding(
-        self, inputs: MultimodalInputs, max_new_tokens: int, static_cache: bool
+        self, inputs: MultimodalInputs, max_new_tokens: int, static_cache: bool, cuda_graph: bool
     ) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
         """The prompt's last state (B, H) and ``step(embeds (B, 1, H), positions (B, 1)) -> (B, H)``, which
         feeds one token per call: over a static cache (``pixellm.model.decoding``) for a Llama with
-        ``static_cache``, else over transformers' ``DynamicCache``."""
+        ``static_cache`` (as a CUDA graph with ``cuda_graph`` on a GPU), else over transformers' ``DynamicCache``."""
         embeds, keep = inputs.inputs_embeds, inputs.attention_mask.bool()  # (B, S', H), (B, S')
         prompt = embeds.shape[1]
         if static_cache and supports_static_decoding(self.language_model):
@@ -387,11 +400,12 @@ class LlavaLMM(nn.Module):
             slots = torch.arange(prompt, device=embeds.device)  # (S',)
             state = decoder.forward(embeds, inputs.position_ids, slots, span=prompt)[:, -1]
             slot = torch.full((1,), prompt - 1, device=embeds.device)  # the cache slot of the last fed token
+            run = CudaGraphStep(decoder) if cuda_graph and supports_cuda_graph(self.language_model) else decoder.forward
 
             def static_step(token_embeds: Tensor, positions: Tensor) -> Tensor:
                 nonlocal slot
                 slot = slot + 1
-                return decoder.forward(token_embeds, positions, slot)[:, -1]
+                return run(token_embeds, positions, slot)[:, -1]
 
             return state, static_step
         cache = DynamicCache(config=self.language_model.config)
