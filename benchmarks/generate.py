@@ -39,6 +39,21 @@ SIZES = {
 IMAGE_ID = 999
 
 
+def build(name: str, device: torch.device, dtype: torch.dtype, prompt_tokens: int, image_tokens: int,
+          compile_layers: bool = False) -> tuple[LlavaLMM, torch.Tensor, torch.Tensor]:
+    """The LLM of size ``name`` with random weights (seed 0), prompt ids (1, S) with the image placeholder at
+    position 1, and image tokens (1, P, H)."""
+    size = SIZES[name]
+    torch.manual_seed(0)
+    config = dict(num_key_value_heads=size["num_attention_heads"], max_position_embeddings=1024, **size)
+    with device:
+        lmm = LlavaLMM(text_config=config, vision_channels=64, compile_layers=compile_layers).to(dtype).eval()
+        ids = torch.randint(0, 998, (1, prompt_tokens))
+        ids[:, 1] = IMAGE_ID
+        image = torch.randn(1, image_tokens, size["hidden_size"], dtype=dtype)
+    return lmm, ids, image
+
+
 def recompute(lmm: LlavaLMM, ids: torch.Tensor, image: torch.Tensor, steps: int) -> torch.Tensor:
     """The release's decoding: a full forward over the growing sequence for every new token."""
     out = []
@@ -86,13 +101,7 @@ def main() -> None:
           + f"{'eager static s':>15}{'graph gain':>11}" * graphs + "  same tokens as ours")
     for name in sizes:
         size = SIZES[name]
-        torch.manual_seed(0)
-        config = dict(num_key_value_heads=size["num_attention_heads"], max_position_embeddings=1024, **size)
-        with device:
-            lmm = LlavaLMM(text_config=config, vision_channels=64, compile_layers=args.compile_layers).to(dtype).eval()
-            ids = torch.randint(0, 998, (1, args.prompt_tokens))
-            ids[0, 1] = IMAGE_ID
-            image = torch.randn(1, args.image_tokens, size["hidden_size"], dtype=dtype)
+        lmm, ids, image = build(name, device, dtype, args.prompt_tokens, args.image_tokens, args.compile_layers)
         with torch.no_grad():
             inputs = lmm.build_inputs(ids, torch.ones_like(ids), image, IMAGE_ID)
             lmm.generate(inputs, 4, -1)  # warm-up
