@@ -8,7 +8,8 @@ step for LLaVA-7B's LLM, where reading its weights takes about 4 ms; README, Per
 - The keys and values of every layer live in buffers of ``max_length`` slots, written in place
   (``index_copy_``); a decoding step attends to all slots (the prefill: to the prompt's), with a mask of
   the valid ones. Every step has the same shapes, so on a GPU a step is captured once as a CUDA graph
-  and replayed for every later token (`CudaGraphStep`): one launch instead of a dozen per layer.
+  and replayed for every later token (`CudaGraphStep`): one launch instead of some 30 per layer
+  (LLaVA-7B's LLM in bf16 on an H100: 8.1 ms per token against 25.4 ms eager; benchmarks/gpu_decoding.py).
 - The step calls the decoder layers' own modules (norms, projections, MLP, rotary embedding), so LoRA
   (peft) layers, biases and rotary scaling work as in transformers; only the attention block is
   spelled out here (transformers' rotation, cache write, scaled dot-product attention with grouped heads).
