@@ -1,5 +1,8 @@
 """Static-cache decoding (pixellm.model.decoding) against transformers' own forward and DynamicCache decoding."""
 
+import sys
+import threading
+
 import pytest
 import torch
 
@@ -144,3 +147,35 @@ def test_cuda_graph_decoding_equals_eager_static_decoding(monkeypatch: pytest.Mo
     assert torch.equal(ids, eager_ids)
     tolerance = 1e-2 if autocast else 1e-5  # the same kernels, but the graph's may run another cuBLAS algorithm
     torch.testing.assert_close(states, eager_states, rtol=tolerance, atol=tolerance)
+
+
+@pytest.mark.gpu
+@needs_cuda
+def test_cuda_graph_capture_lets_other_threads_use_cuda():
+    """A DataLoader's pin-memory thread allocates page-locked memory (querying the events of earlier copies)
+    while validation generates: that must neither fail the capture nor the thread."""
+    lmm = make().cuda()
+    inputs = padded_inputs(lmm, "cuda")
+    expected, _ = lmm.generate(inputs, max_new_tokens=7, eos_token_id=-1, cuda_graph=False)
+    stop, errors, copies = threading.Event(), [], [0]
+
+    def pin_and_copy() -> None:
+        try:
+            while not stop.is_set():
+                torch.empty(1 << 16, dtype=torch.uint8, pin_memory=True).to("cuda", non_blocking=True)
+                copies[0] += 1
+        except Exception as error:  # noqa: BLE001 (reported below)
+            errors.append(error)
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)  # switch threads often, so that the copies interleave with the captures
+    thread = threading.Thread(target=pin_and_copy)
+    thread.start()
+    try:
+        decoded = [lmm.generate(inputs, max_new_tokens=7, eos_token_id=-1)[0] for _ in range(20)]
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+    assert errors == [] and copies[0] > 0
+    assert all(torch.equal(ids, expected) for ids in decoded)

@@ -163,6 +163,8 @@ class CudaGraphStep:
         main.wait_stream(side)
         first.record_stream(main)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), autocast:  # records the kernels without running them
+        # thread_local: other threads' CUDA calls during the capture (a DataLoader's pin-memory thread, NCCL's
+        # watchdog) go on normally; the default mode, global, would fail the capture and their calls
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"), autocast:  # records, does not run
             self.output = self.decoder.forward(*self.inputs)
         return first
