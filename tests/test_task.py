@@ -60,7 +60,7 @@ def test_predict_decodes_one_mask_per_complete_codebook_group(task_and_batch, mo
     rows = [row0] + [[word, eos] + [eos] * (len(row0) - 2)] * (batch["input_ids"].shape[0] - 1)
     ids = torch.tensor(rows)
     states = torch.randn(*ids.shape, task.lmm.hidden_size)
-    monkeypatch.setattr(task.lmm, "generate", lambda inputs, n, eos_id: (ids, states))
+    monkeypatch.setattr(task.lmm, "generate", lambda inputs, n, eos_id, **options: (ids, states))
     with torch.no_grad():
         out = task.predict_step(batch, 0)
     assert out[0]["masks"].shape[0] == 1 and out[0]["dropped_codebook_tokens"] == 1
@@ -82,3 +82,16 @@ def test_real_generation_runs_with_the_kv_cache(task_and_batch):
 def test_mismatched_widths_name_the_config_keys(tiny_config, build):
     with pytest.raises(ValueError, match="codebook.hidden_size"):
         build(tiny_config, "--model.init_args.codebook.init_args.hidden_size=48")
+
+
+@pytest.mark.parametrize(("override", "expected"), [((), True), (("--model.init_args.cuda_graph=false",), False)])
+def test_the_cuda_graph_setting_reaches_generation(tiny_config, build, monkeypatch, override, expected):
+    task, data = build(tiny_config, *override)
+    data.prepare_data()
+    data.setup("predict")
+    batch = next(iter(data.predict_dataloader()))
+    calls, generate = [], task.lmm.generate
+    monkeypatch.setattr(task.lmm, "generate", lambda *args, **options: calls.append(options) or generate(*args, **options))
+    with torch.no_grad():
+        out = task.eval().predict_step(batch, 0)
+    assert calls == [{"cuda_graph": expected}] and len(out) == batch["input_ids"].shape[0]

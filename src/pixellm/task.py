@@ -61,6 +61,8 @@ class PixelLMTask(LightningModule):
             betas (0.9, 0.95), weight decay 0).
         scheduler: builds the LR scheduler from the optimizer, stepped every optimizer step.
         max_new_tokens: generation length limit of ``predict_step`` and generate-mode evaluation.
+        cuda_graph: on a GPU, replay generation's decoding step as a CUDA graph (``LlavaLMM.generate``);
+            False runs every step eagerly (for profilers and debuggers that follow kernels one by one).
         match_cost: cost of the Hungarian matching of generated to ground-truth masks in
             generate-mode evaluation: "iou" (1 - IoU, the paper) or "bce_dice" (the released code's).
         max_nonfinite_steps: training steps with a NaN/Inf loss that are skipped (no update) before
@@ -80,6 +82,7 @@ class PixelLMTask(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: LRSchedulerCallable | None = None,
         max_new_tokens: int = 64,
+        cuda_graph: bool = True,
         match_cost: MatchCost = "iou",
         max_nonfinite_steps: int = 10,
     ) -> None:
@@ -93,6 +96,7 @@ class PixelLMTask(LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.max_new_tokens = max_new_tokens
+        self.cuda_graph = cuda_graph
         self.match_cost = match_cost
         self.nonfinite = NonFiniteLossGuard(max_nonfinite_steps)
         self.tokenizer = load_tokenizer(tokenizer, codebook.tokens)
@@ -256,7 +260,7 @@ class PixelLMTask(LightningModule):
         """Greedy generation with a KV cache; masks from the states that emitted codebook tokens."""
         features, inputs = self.encode(batch, with_labels=False)
         eos = self.tokenizer.eos_token_id
-        ids, states = self.lmm.generate(inputs, self.max_new_tokens, eos)  # (B, n), (B, n, H)
+        ids, states = self.lmm.generate(inputs, self.max_new_tokens, eos, cuda_graph=self.cuda_graph)  # (B, n), (B, n, H)
         after_eos = (ids == eos).cumsum(1) > 0
         ids = ids.masked_fill(after_eos, eos)
         whole_groups, malformed = drop_malformed_groups(ids, self.codebook.token_ids, eos)

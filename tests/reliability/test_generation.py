@@ -23,7 +23,7 @@ def _generate(task, batch, rows: list[list[int]], monkeypatch: pytest.MonkeyPatc
     """``predict_step`` with the LLM's generation replaced by ``rows`` (one per question)."""
     ids = torch.tensor(rows)  # (B, n)
     states = torch.randn(*ids.shape, task.lmm.hidden_size)  # (B, n, H)
-    monkeypatch.setattr(task.lmm, "generate", lambda inputs, n, eos_id: (ids, states))
+    monkeypatch.setattr(task.lmm, "generate", lambda inputs, n, eos_id, **options: (ids, states))
     with torch.no_grad():
         return task.predict_step(batch, 0)
 
@@ -86,7 +86,7 @@ def test_a_broken_off_group_never_becomes_a_target(task_and_batch, monkeypatch):
     rows = [[word, *code[:3], word, *code, eos]]  # 9 codebook tokens: by count, 1 mixed-up group
     rows += [[word] + [eos] * (len(rows[0]) - 1)] * (batch["input_ids"].shape[0] - 1)
     states = torch.randn(len(rows), len(rows[0]), task.lmm.hidden_size)
-    monkeypatch.setattr(task.lmm, "generate", lambda inputs, n, eos_id: (torch.tensor(rows), states))
+    monkeypatch.setattr(task.lmm, "generate", lambda inputs, n, eos_id, **options: (torch.tensor(rows), states))
     with torch.no_grad():
         out = task.predict_step(batch, 0)
         gathered = task.codebook.gather(states[:1, 5:11], torch.tensor(rows)[:1, 5:11])
