@@ -124,7 +124,7 @@ class StaticLlamaDecoder:
 class CudaGraphStep:
     """One decoding step of a `StaticLlamaDecoder` (one new token per row), captured as a CUDA graph.
 
-    The first call runs the step eagerly (on a side stream: the warm-up capture needs) and captures it; every
+    The first call runs the step eagerly (on a side stream: the warm-up a capture needs) and captures it; every
     later call copies its inputs into the captured ones and replays the graph. Under autocast the step is
     captured with autocast's weight cache off, so the graph casts the weights itself rather than reading
     casts that autocast frees when its region ends.
