@@ -138,7 +138,7 @@ class CudaGraphStep:
             raise ValueError("CudaGraphStep needs a decoder whose prompt has run (its caches are allocated)")
         self.decoder = decoder
         self.graph: torch.cuda.CUDAGraph | None = None
-        self.inputs: tuple[Tensor, Tensor, Tensor] = ()  # the captured step's embeds, positions, slots
+        self.inputs: tuple[Tensor, ...] = ()  # the captured step's embeds, positions, slots
         self.output: Tensor | None = None  # (B, 1, H) the captured step's result, rewritten at every replay
 
     def __call__(self, embeds: Tensor, positions: Tensor, slots: Tensor) -> Tensor:
