@@ -23,6 +23,7 @@ from pixellm.evaluation.muse_protocol import (
 from pixellm.evaluation.overlay import mask_overlay, unnormalise
 from pixellm.evaluation.report import SplitResult, markdown_table, write_split_json
 from pixellm.metrics.iou import PairedMaskIoU
+from pixellm.reliability.skipping import is_empty_batch
 
 log = logging.getLogger(__name__)
 
@@ -124,6 +125,8 @@ class EvaluationReport(Callback):
         self.overlays = 0
 
     def _batch_end(self, trainer: Trainer, pl_module: LightningModule, outputs: list[dict], batch: dict) -> None:
+        if is_empty_batch(batch):  # every sample skipped: nothing was evaluated (the skip is counted elsewhere)
+            return
         for item, truth in zip(outputs, batch["masks"], strict=True):
             split, pairs = item["split"], item["pairs"]
             rewritten = verdict = None

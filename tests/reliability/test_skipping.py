@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from types import SimpleNamespace
@@ -166,6 +167,29 @@ def test_fit_skips_a_bad_image_and_reports_or_stops(tmp_path: Path, tiny_config,
         assert fit(SkippedSamplesReport(max_skipped_fraction=0.2)).global_step == 2
     with pytest.raises(SkipLimitExceeded, match=r"skipped 1 of \d samples"):
         fit(SkippedSamplesReport(max_skipped_fraction=0.1))
+
+
+def test_evaluation_report_passes_over_a_batch_of_only_bad_samples(tmp_path: Path, tiny_config, build) -> None:
+    """At evaluation batch size 1, a bad sample makes a batch with no samples: the report skips it."""
+    from lightning import Trainer
+
+    from pixellm.callbacks import EvaluationReport
+
+    records = [record(file_name=f"{i}.png") for i in range(4)]
+    images = {f"{i}.png": Image.new("RGB", (W, H), (40 * i, 0, 0)) for i in range(4)}
+    path = write_dataset(tmp_path, records, images)
+    (tmp_path / "images" / "2.png").write_bytes(b"broken")
+    task, _ = build(tiny_config)
+    data = MuseDataModule(
+        str(path), str(path), str(tmp_path / "images"), tokenizer="shapes", image_size=32, template="plain",
+        batch_size=1, val_batch_size=1, eval_mode="generate",
+    )
+    report = EvaluationReport(output_dir=str(tmp_path / "eval"))
+    trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[report])
+    with pytest.warns(UserWarning, match=r"skipping bad sample\(s\), first: .*record 2: field 'file_name'"):
+        trainer.validate(task, data)
+    saved = json.loads((tmp_path / "eval" / "val_step0" / "val.json").read_text())
+    assert [q["source"]["record_index"] for q in saved["questions"]] == [0, 1, 3]
 
 
 class NamedCollate:
