@@ -25,6 +25,7 @@ from pixellm.evaluation.report import (
     scores_of_records,
     write_split_json,
 )
+from pixellm.reliability.codebook_groups import drop_malformed_groups
 
 TOKENS = ["[SEG0]", "[SEG1]"]  # L*N = 2 for brevity
 
@@ -37,11 +38,34 @@ class FixedJudge(AnswerJudge):
 
 
 def test_rewrite_replaces_each_complete_group_and_drops_an_incomplete_tail():
-    answer = "sit in the kayak [SEG0] [SEG1] , hold the paddle [SEG1] [SEG0] and [SEG0]"
+    answer = "sit in the kayak [SEG0] [SEG1] , hold the paddle [SEG0] x [SEG1] and [SEG0]"
     out = rewrite_answer(answer, TOKENS, ["(a red kayak [1,2,30,40])", "(None [])"])
     assert out == "sit in the kayak (a red kayak [1,2,30,40]) , hold the paddle (None []) and"
     with pytest.raises(ValueError, match="2 codebook groups in the answer but 1 references"):
         rewrite_answer(answer, TOKENS, ["(x [])"])
+
+
+def test_rewrite_skips_broken_groups_as_decoding_does():
+    """A broken-off group made no mask: its tokens go, and the next whole group keeps its own reference."""
+    tokens = ["[A]", "[B]", "[C]"]
+    answer = "cup is [A] [B] , plate is [A] [B] [C] and fork is [C] [A] [B] [C] ."
+    out = rewrite_answer(answer, tokens, ["(plate [0,0,1,1])", "(fork [2,2,3,3])"])
+    assert out == "cup is , plate is (plate [0,0,1,1]) and fork is (fork [2,2,3,3]) ."
+    # the groups are the ones drop_malformed_groups keeps for the masks, whatever the token sequence
+    generator = torch.Generator().manual_seed(0)
+    words = ["w", "v", *tokens]  # ids 0, 1: text; 2, 3, 4: codebook
+    for _ in range(300):
+        ids = torch.randint(0, 5, (12,), generator=generator)
+        kept, _ = drop_malformed_groups(ids[None], torch.tensor([2, 3, 4]), filler=0)
+        kept_at = (kept[0] > 1).nonzero()[:, 0].tolist()  # positions of the kept codebook tokens
+        spans = [(kept_at[k], kept_at[k + 2]) for k in range(0, len(kept_at), 3)]  # one per decoded mask
+        expected, position = [], 0
+        for k, (first, last) in enumerate(spans):
+            expected += [words[i] for i in ids[position:first].tolist() if i < 2] + [f"(t{k})"]
+            position = last + 1
+        expected += [words[i] for i in ids[position:].tolist() if i < 2]
+        text = " ".join(words[i] for i in ids.tolist())
+        assert rewrite_answer(text, tokens, [f"(t{k})" for k in range(len(spans))]) == " ".join(expected)
 
 
 def test_target_references_from_meta_or_from_the_masks():

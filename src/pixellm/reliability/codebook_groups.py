@@ -14,8 +14,35 @@ import torch
 from torch import Tensor
 
 
+def whole_groups(slots: list[int], group_size: int) -> list[list[int]]:
+    """The complete in-order groups among a sequence's codebook tokens.
+
+    A group is ``group_size`` tokens whose slots run 0, 1, ..., ``group_size - 1``; a token out of
+    order ends the partial group before it (and starts a new one if its slot is 0).
+
+    Args:
+        slots: The slot (0 .. group_size - 1) of each codebook token of the sequence, in text order.
+        group_size: L·N.
+
+    Returns:
+        Per complete group, the indices into ``slots`` of its tokens.
+    """
+    groups: list[list[int]] = []
+    group: list[int] = []  # indices of the group being read
+    for index, slot in enumerate(slots):
+        if slot != len(group):  # out of order: the partial group is dropped
+            group = []
+            if slot != 0:
+                continue
+        group.append(index)
+        if len(group) == group_size:
+            groups.append(group)
+            group = []
+    return groups
+
+
 def drop_malformed_groups(ids: Tensor, token_ids: Tensor, filler: int) -> tuple[Tensor, Tensor]:
-    """Replace codebook tokens outside complete in-order groups by ``filler``.
+    """Replace codebook tokens outside complete in-order groups (``whole_groups``) by ``filler``.
 
     Args:
         ids: (B, S) generated token ids.
@@ -29,19 +56,10 @@ def drop_malformed_groups(ids: Tensor, token_ids: Tensor, filler: int) -> tuple[
     order = {int(t): slot for slot, t in enumerate(token_ids.tolist())}
     is_code = torch.isin(ids, token_ids)  # (B, S)
     keep = torch.zeros_like(is_code)
-    for row, col_list in enumerate(is_code.tolist()):
-        group: list[int] = []  # columns of the group being read
-        for col, coded in enumerate(col_list):
-            if not coded:
-                continue
-            slot = order[int(ids[row, col])]
-            if slot != len(group):  # out of order: the partial group is dropped
-                group = []
-                if slot != 0:
-                    continue
-            group.append(col)
-            if len(group) == len(order):
-                keep[row, group] = True
-                group = []
+    for row, columns in enumerate(is_code.nonzero().split(is_code.sum(1).tolist())):
+        columns = columns[:, 1].tolist()  # the sequence's codebook positions, in order
+        slots = [order[int(ids[row, col])] for col in columns]
+        for group in whole_groups(slots, len(order)):
+            keep[row, [columns[i] for i in group]] = True
     dropped = is_code & ~keep
     return ids.masked_fill(dropped, filler), dropped.sum(1)
