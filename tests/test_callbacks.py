@@ -53,7 +53,10 @@ def test_pixellm_validate_generate_mode_matches_judges_and_logs_overlays(tiny_co
         assert "[SEG" not in question["rewritten_answer"]  # every mask reference rewritten
         assert question["judge_scores"] == [10 if any(p["pred"] == k and p["gt"] >= 0 for p in question["pairs"]) else 0
                                             for k in range(len(predictions))]
-    assert 0.0 <= float(cli.trainer.callback_metrics["val/gIoU"]) <= 1.0
+    # the logged scores are the IoU-only report's (unmatched pairs 0 in both)
+    metrics = cli.trainer.callback_metrics
+    assert saved["scores"]["gIoU"] == pytest.approx(float(metrics["val/gIoU"]), abs=1e-6)
+    assert saved["scores"]["cIoU"] == pytest.approx(float(metrics["val/cIoU"]), abs=1e-6)
     events = EventAccumulator(str(cli.trainer.logger.log_dir), size_guidance={"images": 0})
     events.Reload()
     overlays = [tag for tag in events.Tags()["images"] if tag.startswith("val/overlay_")]

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from pixellm.data.splits import EvalSplit
 from pixellm.evaluation.matching import MatchCost, concatenate, match_batch, text_order_pairs
+from pixellm.evaluation.muse_protocol import pair_scores
 from pixellm.metrics.iou import PairedMaskIoU
 from pixellm.model.codebook import GatheredTargets, SegmentationCodebook
 from pixellm.model.decoder import PixelDecoder
@@ -224,7 +225,7 @@ class PixelLMTask(LightningModule):
             generation = self.generate_answers(batch)
             logits, answers = generation.logits, generation.answers
             pairs = match_batch(logits, truth, self.match_cost)
-        self.split_iou[split.name].update(*concatenate(pairs))
+        self.split_iou[split.name].update(*concatenate(pairs), torch.cat([pair_scores(p, None) for p in pairs]))
         return [
             {"split": split, "question": q, "answer": a, "pairs": p, "masks": x > 0, "meta": m}
             for q, a, p, x, m in zip(batch["questions"], answers, pairs, logits, batch["meta"], strict=True)

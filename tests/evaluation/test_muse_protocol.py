@@ -25,6 +25,7 @@ from pixellm.evaluation.report import (
     scores_of_records,
     write_split_json,
 )
+from pixellm.metrics.iou import PairedMaskIoU
 from pixellm.reliability.codebook_groups import drop_malformed_groups
 
 TOKENS = ["[SEG0]", "[SEG1]"]  # L*N = 2 for brevity
@@ -88,6 +89,20 @@ def two_question_batch():
     return pred, truth
 
 
+def test_spurious_empty_masks_score_nothing():
+    """One target, a wrong mask and 3 empty ones: the empty ones pair with empty ground truth (IoU 1)
+    but are unassigned, so they score 0 and gIoU is 0, not 3/4."""
+    truth = torch.zeros(1, 4, 4, dtype=torch.long)
+    truth[0, :2, :2] = 1
+    pred = torch.zeros(4, 4, 4, dtype=torch.bool)
+    pred[0, 2:, 2:] = True
+    (pairs,) = match_batch([pred], [truth])
+    assert pairs.iou().tolist() == [0.0, 1.0, 1.0, 1.0]
+    metric = PairedMaskIoU()
+    metric.update(pairs.intersection, pairs.union, torch.full((4,), 1), pair_scores(pairs, None))
+    assert float(metric.compute()["gIoU"]) == 0.0
+
+
 def test_judge_weights_matched_pairs_and_zeroes_unmatched():
     pred, truth = two_question_batch()
     (pairs,) = match_batch([pred], [truth])
@@ -98,7 +113,7 @@ def test_judge_weights_matched_pairs_and_zeroes_unmatched():
     assert verdict.scores == [5, 5, 0]
     scores = pair_scores(pairs, verdict)
     assert pairs.pred_index.tolist() == [0, 1, 2] and scores.tolist() == [0.5, 0.5, 0.0]
-    assert pair_scores(pairs, None).tolist() == [1.0, 1.0, 1.0]
+    assert pair_scores(pairs, None).tolist() == [1.0, 1.0, 0.0]  # without a judge: unmatched still 0
     record = question_record("q?", answer, pairs, scores, {"json": "x.json", "record_index": 3, "other": 1}, rewritten, verdict)
     assert record["source"] == {"json": "x.json", "record_index": 3}
     assert record["judge_prompt"] == "grade: " + rewritten

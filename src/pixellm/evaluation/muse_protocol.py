@@ -77,11 +77,16 @@ def rewrite_answer(answer: str, codebook_tokens: list[str], references: list[str
 
 
 def pair_scores(pairs: MatchedPairs, judgement: Judgement | None) -> Tensor:
-    """(M,) weight judge / 10 of each pair (unmatched pairs 0); all 1 without a judgement."""
-    if judgement is None:
-        return torch.ones(len(pairs.pred_index), dtype=torch.float64)
-    scores = torch.tensor([0.0, *judgement.scores], dtype=torch.float64) / MAX_SCORE  # index 0: no prediction
+    """(M,) weight of each pair: judge / 10, or 1 without a judgement; 0 for an unmatched pair.
+
+    An unmatched pair (a prediction or a ground truth left over by the matching) scores 0 either
+    way (Sec. 4.3: "unassigned predictions receiving a score of 0"), so a spurious empty mask, whose
+    IoU with the empty mask it is paired with is 1, never adds to gIoU.
+    """
     matched = (pairs.pred_index >= 0) & (pairs.gt_index >= 0)
+    if judgement is None:
+        return matched.double()
+    scores = torch.tensor([0.0, *judgement.scores], dtype=torch.float64) / MAX_SCORE  # index 0: no prediction
     return torch.where(matched, scores[pairs.pred_index + 1], torch.zeros(()))
 
 
