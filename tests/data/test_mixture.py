@@ -212,3 +212,47 @@ def test_a_mixture_from_yaml_trains_the_tiny_model(
         optimizer.step()
         losses.append(float(loss.detach()))
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+
+
+POOLED_TEST_YAML = """
+class_path: pixellm.data.mixture.MixtureDataModule
+init_args:
+  tokenizer: shapes
+  image_size: 32
+  template: plain
+  batch_size: 4
+  train:
+    - name: muse
+      ratio: 1
+      datasets:
+        - dataset:
+            class_path: pixellm.data.muse.MuseDataset
+            init_args: {{json_path: {root}/muse_train.json, image_root: {root}/images}}
+  test:
+    - name: test
+      mode: generate
+      dataset:
+        class_path: torch.utils.data.ConcatDataset
+        init_args:
+          datasets:
+            - class_path: pixellm.data.muse.MuseDataset
+              init_args: {{json_path: {root}/muse_val.json, image_root: {root}/images}}
+            - class_path: pixellm.data.muse.MuseDataset
+              init_args: {{json_path: {root}/muse_train.json, image_root: {root}/images}}
+"""
+
+
+def test_one_test_split_pools_two_files_as_configs_muse_yaml_does(
+    shapes_dir: Path, build, tiny_config: Path, tmp_path: Path
+) -> None:
+    """configs/muse.yaml's test split: MUSE test_less + test_many in one ConcatDataset, so one metric
+    gives Table 1's few / many / overall."""
+    config = tmp_path / "pooled.yaml"
+    config.write_text(POOLED_TEST_YAML.format(root=shapes_dir))
+    _, dm = build(tiny_config, f"--data={config}")
+    assert [(s.name, s.mode) for s in dm.eval_splits("test")] == [("test", "generate")]
+    (loader,) = dm.test_dataloader()
+    files = [m["json"] for batch in loader for m in batch["meta"]]
+    val, train = (len(MuseDataset(shapes_dir / f"muse_{s}.json", shapes_dir / "images")) for s in ("val", "train"))
+    assert len(files) == len(loader.dataset) == val + train
+    assert [Path(f).name for f in files] == ["muse_val.json"] * val + ["muse_train.json"] * train
