@@ -117,3 +117,21 @@ def test_muse_module_options_reach_the_loaders(tmp_path: Path) -> None:
     assert torch.isin(batch["labels"], codebook).sum(1).tolist() == [6 * m.shape[0] for m in batch["masks"]]
     with pytest.raises(ValueError, match="unknown conversation template"):
         MuseDataModule(shapes.train_json, shapes.val_json, shapes.image_root, tokenizer="shapes", template="vicuna")
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_evaluation_shards_every_question_once_across_processes(tmp_path: Path, world_size: int) -> None:
+    """Under DDP each process takes every world-size-th question, none twice, none dropped (Lightning's
+    default sampler would repeat questions to even out the processes)."""
+    from types import SimpleNamespace
+
+    dm = _module(tmp_path, val_batch_size=2)
+    every = [(m["record_index"], m["question_index"]) for b in dm.val_dataloader() for m in b["meta"]]
+    assert len(every) == 9  # 4 images, divisible by neither 2 nor 4
+    seen = []
+    for rank in range(world_size):
+        dm.trainer = SimpleNamespace(world_size=world_size, global_rank=rank)
+        questions = [(m["record_index"], m["question_index"]) for b in dm.val_dataloader() for m in b["meta"]]
+        assert questions == every[rank::world_size]
+        seen += questions
+    assert sorted(seen) == sorted(every)

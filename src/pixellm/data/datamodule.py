@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 from lightning import LightningDataModule
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pixellm.data.collate import CollateMode, MuseCollator
@@ -99,9 +100,11 @@ class SampleDataModule(LightningDataModule):
         mode: CollateMode,
         shuffle: bool = False,
         sampler: Sampler[int] | None = None,
+        drop_last: bool | None = None,
     ) -> DataLoader:
-        """A DataLoader over ``dataset`` collated in ``mode``; ``shuffle`` is seeded by ``seed``
-        and drops the last incomplete batch, ``sampler`` (if given) fixes the order instead.
+        """A DataLoader over ``dataset`` collated in ``mode``; ``shuffle`` is seeded by ``seed``,
+        ``sampler`` (if given) fixes the order instead; both drop the last incomplete batch unless
+        ``drop_last`` says otherwise.
 
         Raises:
             RuntimeError: If ``dataset`` is None (``setup`` was not called).
@@ -117,13 +120,27 @@ class SampleDataModule(LightningDataModule):
             SkipBadSamples(dataset),
             batch_size=batch_size,
             sampler=sampler,
-            drop_last=shuffle or sampler is not None,
+            drop_last=(shuffle or sampler is not None) if drop_last is None else drop_last,
             generator=generator,
             num_workers=self.num_workers,
             collate_fn=SkipFilteringCollate(self.collator(mode)),
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
+
+    def eval_loader(self, dataset: Dataset | None, mode: CollateMode) -> DataLoader:
+        """Evaluation batches of ``val_batch_size`` in dataset order, every sample once.
+
+        With several processes, each takes every world-size-th sample and none is repeated:
+        Lightning's own ``DistributedSampler`` would pad the last processes with repeats, which the
+        metrics and the results JSON would then count twice.
+        """
+        sampler = None
+        if dataset is not None and self.trainer is not None and self.trainer.world_size > 1:
+            sampler = UnrepeatedDistributedSampler(
+                dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
+            )
+        return self.loader(dataset, self.val_batch_size, mode, sampler=sampler, drop_last=False)
 
 
 class MuseDataModule(SampleDataModule):
@@ -179,13 +196,11 @@ class MuseDataModule(SampleDataModule):
 
     def val_dataloader(self) -> DataLoader:
         """Validation batches in file order, collated for ``eval_mode``."""
-        mode = self.eval_splits("val")[0].collate_mode
-        return self.loader(self.val_set, self.val_batch_size, mode)
+        return self.eval_loader(self.val_set, self.eval_splits("val")[0].collate_mode)
 
     def test_dataloader(self) -> DataLoader:
         """Test batches in file order, collated for ``eval_mode``."""
-        mode = self.eval_splits("test")[0].collate_mode
-        return self.loader(self.test_set, self.val_batch_size, mode)
+        return self.eval_loader(self.test_set, self.eval_splits("test")[0].collate_mode)
 
     def predict_dataloader(self) -> DataLoader:
         """Validation set in generate mode: prompts only, left-padded, no labels."""

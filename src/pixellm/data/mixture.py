@@ -189,7 +189,7 @@ class MixtureDataModule(SampleDataModule):
 
     def _eval_loaders(self, stage: str) -> list[DataLoader]:
         return [
-            self.loader(s.dataset, self.val_batch_size, split.collate_mode)
+            self.eval_loader(s.dataset, split.collate_mode)
             for s, split in zip(self.eval_sets[stage], self.eval_splits(stage), strict=True)
         ]
 
