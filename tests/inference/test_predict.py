@@ -30,6 +30,10 @@ def test_number_targets_replaces_each_complete_group_and_labels_it():
     assert numbered.text == "the cat [1] and the big dog [2]."  # the incomplete group is dropped
     assert numbered.labels == ["the cat", "the big dog"]
     assert number_targets("there is no cat.", TOKENS).text == "there is no cat."
+    # a group out of order makes no mask (drop_malformed_groups): [1] is the dog's, the one mask decoded
+    broken = "the cat [SEG0] [SEG1] [SEG2] [SEG4] [SEG3] [SEG5] and the dog " + GROUP + " ."
+    numbered = number_targets(broken, TOKENS)
+    assert numbered.text == "the cat and the dog [1]." and numbered.labels == ["the cat and the dog"]
 
 
 def test_mask_scores_are_the_mean_probability_inside_each_mask():

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from pixellm.evaluation.judge import MAX_SCORE, AnswerJudge, Judgement
 from pixellm.evaluation.matching import MatchedPairs
-from pixellm.reliability.codebook_groups import whole_groups
+from pixellm.reliability.codebook_groups import group_spans
 
 NONE_REFERENCE = "(None [])"
 SOURCE_KEYS = ("dataset", "json", "record_index", "question_index", "file_name")
@@ -53,26 +53,23 @@ def target_references(meta: dict[str, Any], masks: Tensor) -> list[str]:
 def rewrite_answer(answer: str, codebook_tokens: list[str], references: list[str]) -> str:
     """Replace each complete group of codebook tokens by its reference; drop every other codebook token.
 
-    Groups are the complete in-order groups that ``drop_malformed_groups`` keeps for decoding
-    (``whole_groups``), so the k-th group is the k-th decoded mask; codebook tokens outside them
-    (a broken-off or out-of-order group) made no mask and are removed from the text.
+    Groups are the complete in-order groups that decoding keeps (``group_spans``), so the k-th
+    group is the k-th decoded mask; codebook tokens outside them (a broken-off or out-of-order
+    group) made no mask and are removed from the text.
 
     Args:
         answer: the decoded answer, codebook tokens as their strings.
         codebook_tokens: the L*N codebook token strings, in group order.
         references: one text per complete group, in order.
     """
-    pattern = "|".join(re.escape(t) for t in sorted(codebook_tokens, key=len, reverse=True))
-    matches = list(re.finditer(pattern, answer))
-    slot = {token: k for k, token in enumerate(codebook_tokens)}
-    groups = whole_groups([slot[m.group()] for m in matches], len(codebook_tokens))
-    if len(groups) != len(references):
-        raise ValueError(f"{len(groups)} codebook groups in the answer but {len(references)} references")
+    pattern, spans = group_spans(answer, codebook_tokens)
+    if len(spans) != len(references):
+        raise ValueError(f"{len(spans)} codebook groups in the answer but {len(references)} references")
     pieces, start = [], 0
-    for group, text in zip(groups, references, strict=True):
-        pieces += [re.sub(pattern, "", answer[start : matches[group[0]].start()]), text]
-        start = matches[group[-1]].end()
-    pieces.append(re.sub(pattern, "", answer[start:]))
+    for (begin, end), text in zip(spans, references, strict=True):
+        pieces += [pattern.sub("", answer[start:begin]), text]
+        start = end
+    pieces.append(pattern.sub("", answer[start:]))
     return re.sub(r" {2,}", " ", "".join(pieces)).strip()
 
 

@@ -1,14 +1,17 @@
 """Answer text for people: each target's codebook tokens replaced by its number, ``[1]``, ``[2]``...
 
-Targets are numbered as the model groups them (``SegmentationCodebook.gather``): every L*N-th
-codebook token in the answer closes one target, in text order, so ``[k]`` names mask k. Codebook
-tokens of an incomplete trailing group make no mask and are removed from the text.
+Targets are numbered as decoding makes their masks: the k-th complete in-order group of codebook
+tokens (``pixellm.reliability.codebook_groups.group_spans``) is mask k, so ``[k]`` names mask k.
+Codebook tokens outside complete groups (broken off, out of order, an incomplete tail) make no
+mask and are removed from the text.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+
+from pixellm.reliability.codebook_groups import group_spans
 
 LABEL_WORDS = 5  # words of the phrase before a marker kept as its legend label
 _SPACE_BEFORE_PUNCTUATION = re.compile(r"\s+([.,;:!?])")
@@ -34,21 +37,15 @@ def number_targets(answer: str, codebook_tokens: list[str]) -> NumberedAnswer:
         For ``"the cat [SEG0] ... [SEG5] and the dog [SEG0] ... [SEG5]."`` (L*N = 6):
         ``"the cat [1] and the dog [2]."`` with labels ``["the cat", "the dog"]``.
     """
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(codebook_tokens, key=len, reverse=True)))
-    group = len(codebook_tokens)
-    found = list(pattern.finditer(answer))
-    complete = len(found) // group * group
-    pieces, labels, start, phrase_start = [], [], 0, 0
-    for index, match in enumerate(found):
-        pieces.append(answer[start : match.start()])
-        start = match.end()
-        if index < complete and (index + 1) % group == 0:
-            phrase = _clean("".join(pieces)[phrase_start:])
-            labels.append(" ".join(_LEADING_JOINERS.sub("", phrase).split()[-LABEL_WORDS:]))
-            pieces.append(f" [{len(labels)}]")
-            phrase_start = len("".join(pieces))
-    pieces.append(answer[start:])
-    return NumberedAnswer(text=_clean("".join(pieces)), labels=labels)
+    pattern, spans = group_spans(answer, codebook_tokens)
+    pieces, labels, start = [], [], 0
+    for begin, end in spans:
+        phrase = _clean(pattern.sub("", answer[start:begin]))
+        labels.append(" ".join(_LEADING_JOINERS.sub("", phrase).split()[-LABEL_WORDS:]))
+        pieces += [phrase, f"[{len(labels)}]"]
+        start = end
+    pieces.append(pattern.sub("", answer[start:]))
+    return NumberedAnswer(text=_clean(" ".join(pieces)), labels=labels)
 
 
 def _clean(text: str) -> str:

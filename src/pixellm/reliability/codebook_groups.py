@@ -10,6 +10,8 @@ rest, which ``predict_step`` reports as ``dropped_codebook_tokens``.
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor
 
@@ -39,6 +41,26 @@ def whole_groups(slots: list[int], group_size: int) -> list[list[int]]:
             groups.append(group)
             group = []
     return groups
+
+
+def group_spans(text: str, codebook_tokens: list[str]) -> tuple[re.Pattern[str], list[tuple[int, int]]]:
+    """Where the whole in-order groups (``whole_groups``) of codebook tokens lie in decoded text.
+
+    The k-th span is the k-th mask that decoding (``drop_malformed_groups``) makes.
+
+    Args:
+        text: decoded text holding codebook token strings.
+        codebook_tokens: the L·N codebook token strings, in group order.
+
+    Returns:
+        A pattern matching any codebook token (to remove those outside the groups), and per group
+        the (start, end) characters from its first token's start to its last token's end.
+    """
+    pattern = re.compile("|".join(re.escape(t) for t in sorted(codebook_tokens, key=len, reverse=True)))
+    matches = list(pattern.finditer(text))
+    slot = {token: k for k, token in enumerate(codebook_tokens)}
+    groups = whole_groups([slot[m.group()] for m in matches], len(codebook_tokens))
+    return pattern, [(matches[g[0]].start(), matches[g[-1]].end()) for g in groups]
 
 
 def drop_malformed_groups(ids: Tensor, token_ids: Tensor, filler: int) -> tuple[Tensor, Tensor]:
