@@ -17,6 +17,7 @@ from pixellm.inference.answer import number_targets
 from pixellm.inference.commands import read_jsonl
 from pixellm.inference.overlay import ALPHA, LEGEND_ROW, target_colour
 from pixellm.inference.predictor import Predictor, Request, mask_scores, resolve_dtype
+from pixellm.inference.writers import OutputFolders
 from pixellm.main import main, run_tool, tool_for
 from pixellm.pretrained_cli import model_folder
 
@@ -34,6 +35,12 @@ def test_number_targets_replaces_each_complete_group_and_labels_it():
     broken = "the cat [SEG0] [SEG1] [SEG2] [SEG4] [SEG3] [SEG5] and the dog " + GROUP + " ."
     numbered = number_targets(broken, TOKENS)
     assert numbered.text == "the cat and the dog [1]." and numbered.labels == ["the cat and the dog"]
+
+
+def test_output_folders_never_repeat_a_name(tmp_path):
+    folders = OutputFolders(tmp_path)
+    names = [folders.next(f"in/{n}").name for n in ["x.png", "x.jpg", "x_2.png", "y.png", "x.gif", ".png"]]
+    assert names == ["x", "x_2", "x_2_2", "y", "x_3", ".png"]
 
 
 def test_mask_scores_are_the_mean_probability_inside_each_mask():

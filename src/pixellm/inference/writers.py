@@ -73,14 +73,21 @@ def write_prediction(prediction: Prediction, folder: Path) -> dict[str, Any]:
 
 
 class OutputFolders:
-    """One output folder name per request: the image's stem, ``_2``, ``_3``... when repeated."""
+    """One output folder name per request: the image's stem, else the first free ``_2``, ``_3``...
+
+    A name is never given twice, even where an image's own stem looks like a generated one
+    (``x.png``, ``x.jpg``, ``x_2.png`` get ``x``, ``x_2``, ``x_2_2``).
+    """
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.used: dict[str, int] = {}
+        self.used: set[str] = set()
 
     def next(self, source: str) -> Path:
         stem = Path(source).stem or "image"
-        count = self.used.get(stem, 0) + 1
-        self.used[stem] = count
-        return self.root / (stem if count == 1 else f"{stem}_{count}")
+        name, count = stem, 1
+        while name in self.used:
+            count += 1
+            name = f"{stem}_{count}"
+        self.used.add(name)
+        return self.root / name
