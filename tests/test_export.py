@@ -141,6 +141,22 @@ def test_lora_export_keeps_base_weights_out_and_reloads_from_the_base(lora_task,
         load_pretrained(folder)
 
 
+def test_lightning_commands_take_a_moved_base_with_base_model(lora_task, tiny_config, tmp_path):
+    """`pixellm validate --model DIR --base-model BASE` where DIR's recorded LLaVA folder moved."""
+    task, config, base = lora_task
+    folder = save_pretrained(task, tmp_path / "lora", config, Preprocess(image_size=32, template="plain"))
+    config_json = json.loads((folder / CONFIG_NAME).read_text())
+    config_json["model"]["init_args"]["lmm"]["init_args"]["pretrained"] = str(tmp_path / "moved")
+    (folder / CONFIG_NAME).write_text(json.dumps(config_json))
+    command = ["validate", "--config", str(tiny_config), "--model", str(folder),
+               "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}"]
+    with pytest.raises(FileNotFoundError, match=r"pass base_model=LOCAL_DIR \(CLI: --base-model\)"):
+        main(command)
+    cli = main([*command, f"--base-model={base}"])
+    assert all(torch.equal(v, task.state_dict()[k]) for k, v in cli.model.state_dict().items())
+    assert 0.0 <= float(cli.trainer.callback_metrics["val/gIoU"]) <= 1.0
+
+
 def test_merged_export_needs_no_base_and_answers_like_the_adapter(lora_task, tmp_path):
     task, config, _ = lora_task
     preprocess = Preprocess(image_size=32, template="plain")

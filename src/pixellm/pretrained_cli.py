@@ -1,4 +1,5 @@
-"""``pixellm fit|validate|test|predict --config DATA.yaml --model DIR``: LightningCLI on an exported folder.
+"""``pixellm fit|validate|test|predict --config DATA.yaml --model DIR [--base-model DIR] [--vision-model DIR]``:
+LightningCLI on an exported folder.
 
 The folder's ``config.json`` gives the model section (its components override those of the
 configs), and its weights are loaded, strictly, once LightningCLI has built the task and before it
@@ -18,14 +19,22 @@ from pixellm.main import CLI_SETUP
 from pixellm.task import PixelLMTask
 
 
+def option_value(args: list[str], flag: str) -> tuple[str | None, int, int]:
+    """(value, index, width) of the first ``flag VALUE`` or ``flag=VALUE`` in ``args`` (width: the
+    arguments it takes), or (None, -1, 0)."""
+    for i, arg in enumerate(args):
+        if arg.startswith(f"{flag}="):
+            return arg.split("=", 1)[1], i, 1
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1], i, 2
+    return None, -1, 0
+
+
 def model_folder(args: list[str]) -> tuple[Path, int] | None:
     """(folder, index of its argument) when ``--model`` names an exported folder, else None."""
-    for i, arg in enumerate(args):
-        value = arg.split("=", 1)[1] if arg.startswith("--model=") else None
-        if arg == "--model" and i + 1 < len(args):
-            value = args[i + 1]
-        if value is not None and (Path(value) / CONFIG_NAME).is_file():
-            return Path(value), i
+    value, index, _ = option_value(args, "--model")
+    if value is not None and (Path(value) / CONFIG_NAME).is_file():
+        return Path(value), index
     return None
 
 
@@ -49,12 +58,19 @@ class PretrainedFolderCLI(LightningCLI):
 
 
 def run_on_folder(args: list[str]) -> LightningCLI | None:
-    """Run LightningCLI with ``--model DIR`` resolved, or return None when no folder is named."""
-    found = model_folder(args)
-    if found is None:
+    """Run LightningCLI with ``--model DIR`` resolved, or return None when no folder is named.
+
+    ``--base-model DIR`` / ``--vision-model DIR`` replace the folder's recorded LLaVA / CLIP base
+    folders (as for ``pixellm predict``), for a folder whose bases moved.
+    """
+    if model_folder(args) is None:
         return None
-    folder, index = found
-    _, model_config = folder_model_config(folder)
-    width = 1 if args[index].startswith("--model=") else 2
-    rest = args[:index] + args[index + width :]
-    return PretrainedFolderCLI(folder, model_config, [*rest, "--model", json.dumps(model_config)])
+    found = {}
+    for flag in ("--model", "--base-model", "--vision-model"):
+        value, index, width = option_value(args, flag)
+        if value is not None:
+            found[flag] = value
+            args = args[:index] + args[index + width :]
+    folder = Path(found["--model"])
+    _, model_config = folder_model_config(folder, found.get("--base-model"), found.get("--vision-model"))
+    return PretrainedFolderCLI(folder, model_config, [*args, "--model", json.dumps(model_config)])
