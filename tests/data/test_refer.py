@@ -243,6 +243,15 @@ def test_bad_records_name_file_index_and_field(refcoco: Path) -> None:
     write_json(folder / "instances.json", instances)
     with pytest.raises(ValueError, match=r"instances.json: images\[1\]: field 'height': missing"):
         _dataset(ReferDataset, refcoco, "train")
+    instances = _instances()  # with 'categories', pycocotools reads every annotation's category
+    del instances["annotations"][2]["category_id"]
+    write_json(folder / "instances.json", instances)
+    with pytest.raises(ValueError, match=r"instances.json: annotations\[2\]: field 'category_id': missing"):
+        _dataset(ReferDataset, refcoco, "train")
+    del instances["categories"]  # without them, the referring reader needs no category at all
+    write_json(folder / "instances.json", instances)
+    (folder / "refs(unc).p").write_bytes(pickle.dumps(_refs()))
+    assert len(_dataset(ReferDataset, refcoco, "train")) > 0
 
 
 def test_image_problems_are_reported_with_the_record(refcoco: Path) -> None:

@@ -29,7 +29,10 @@ def load_coco(path: str | Path) -> COCO:
     data = read_json(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a COCO JSON object, got {type(data).__name__}")
-    for section, keys in REQUIRED_KEYS.items():
+    required = dict(REQUIRED_KEYS)
+    if "categories" in data:  # pycocotools then indexes every annotation by its category
+        required["annotations"] += ("category_id",)
+    for section, keys in required.items():
         entries = data.get(section)
         if not isinstance(entries, list):
             raise ValueError(f"{path}: field {section!r}: expected a list")
@@ -37,7 +40,6 @@ def load_coco(path: str | Path) -> COCO:
             missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
             if missing:
                 raise ValueError(f"{path}: {section}[{index}]: field {missing[0]!r}: missing")
-    data.setdefault("categories", [])
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress
