@@ -45,6 +45,13 @@ def test_custom_normalisation_and_tall_image() -> None:
     assert torch.count_nonzero(pixels) == 0  # mean subtracted exactly, padding zero
 
 
+def test_a_very_thin_image_keeps_one_pixel_row() -> None:
+    """1000 x 1 at 448: SAM's rounding gives a height of 0 (an error in PIL); it stays 1 row."""
+    pixels, hw = ImageTransform(448, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))(Image.new("RGB", (1000, 1), (9, 9, 9)))
+    assert hw == (1, 448) == resized_shape(1, 1000, 448) and resized_shape(1000, 1, 448) == (448, 1)
+    assert torch.all(pixels[:, 0] == 9) and torch.count_nonzero(pixels[:, 1:]) == 0
+
+
 @pytest.mark.parametrize("template", ["plain", "llava_v1"])
 def test_labels_mask_exactly_bos_and_prompt(
     tokenizer: PreTrainedTokenizerBase, template: str

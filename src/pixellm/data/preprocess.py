@@ -20,9 +20,10 @@ DEFAULT_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
 def resized_shape(height: int, width: int, image_size: int) -> tuple[int, int]:
-    """(h, w) after resizing the longest side to ``image_size`` (rounded as SAM does)."""
+    """(h, w) after resizing the longest side to ``image_size`` (rounded as SAM does; at least 1
+    pixel, so a very long, thin image keeps a side of 1 where SAM's rounding would give 0)."""
     scale = image_size / max(height, width)
-    return int(height * scale + 0.5), int(width * scale + 0.5)
+    return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
 class ImageTransform:
