@@ -146,6 +146,27 @@ def test_masks_stay_aligned_with_codebook_groups(tokenizer: PreTrainedTokenizerB
     assert (batch["labels"][2] == eos).sum() == 2  # the history's answer is a target too
 
 
+def test_a_refused_sample_leaves_the_truncation_counts_of_the_others_right(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    """The skipping wrapper re-collates a batch without the refused sample: each used sample still
+    counts once (not once per attempt)."""
+    from pixellm.reliability.skipping import SkipFilteringCollate
+
+    image = Image.new("RGB", (8, 8))
+    good = Sample(image, "segment every circle.", "the circle {seg} and the square {seg}.", torch.ones(2, 8, 8))
+    bad = Sample(image, "segment every circle.", "the circle {seg}.", torch.ones(2, 8, 8))  # 1 {seg}, 2 masks
+    collator = MuseCollator(tokenizer, CODEBOOK, "plain", 16, max_length=12)
+    with pytest.warns(UserWarning):
+        batch = SkipFilteringCollate(collator)([good, bad, good])
+    assert len(batch["meta"]) == 2 and len(batch["skipped"]) == 1
+    clean = MuseCollator(tokenizer, CODEBOOK, "plain", 16, max_length=12)
+    with pytest.warns(UserWarning):
+        clean([good, good])
+    assert collator.truncation == clean.truncation and collator.truncation.samples == 2
+    assert collator.truncation.truncated_samples == 2 and collator.truncation.dropped_targets > 0
+
+
 def test_truncation_drops_masks_of_cut_targets_and_counts_them(tokenizer: PreTrainedTokenizerBase) -> None:
     samples = _one_image_two_questions_and_a_chat()
     full = MuseCollator(tokenizer, CODEBOOK, "plain", 16)(samples)

@@ -128,12 +128,13 @@ class MuseCollator:
             f"{meta.get('dataset', '')} {meta.get('json', '')} record {meta.get('record_index')} "
             f"question {meta.get('question_index')}"
         )
-        encoded = self.encoder.encode(
+        return self.encoder.encode(
             sample.question, sample.answer, sample.masks.shape[0], where, sample.history
         )
-        if self.mode == "train":
-            self.truncation.add(encoded)
-        return encoded
+
+    def check(self, sample: Sample) -> None:
+        """Raise the ``DataError`` that collating ``sample`` would raise; count nothing."""
+        self._encode(sample)
 
     def __call__(self, samples: list[Sample]) -> dict[str, Any]:
         pixels, resized, original, encoded = [], [], [], []
@@ -143,6 +144,9 @@ class MuseCollator:
             resized.append(hw)
             original.append((sample.image.height, sample.image.width))
             encoded.append(self._encode(sample))
+        if self.mode == "train":  # counted once the whole batch encodes, so a refused batch counts nothing
+            for e in encoded:
+                self.truncation.add(e)
         self.truncation.warn(self.encoder.max_length)
         kept = [e.num_targets if self.mode == "train" else s.masks.shape[0] for s, e in zip(samples, encoded, strict=True)]
         batch: dict[str, Any] = {

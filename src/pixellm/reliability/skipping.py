@@ -94,11 +94,13 @@ class SkipFilteringCollate:
         return getattr(self.collate, name)
 
     def _refused(self, samples: list[Sample]) -> tuple[list[Sample], list[SkippedSample]]:
-        """Split ``samples`` into those ``collate`` accepts alone and those it refuses."""
+        """Split ``samples`` into those ``collate`` accepts alone and those it refuses (tried
+        with its ``check(sample)`` where it has one, so the trials are not counted as batches)."""
+        check = getattr(self.collate, "check", None) or (lambda sample: self.collate([sample]))
         kept, refused = [], []
         for sample in samples:
             try:
-                self.collate([sample])
+                check(sample)
                 kept.append(sample)
             except DataError as err:
                 refused.append(SkippedSample(None, str(err)))
