@@ -95,3 +95,34 @@ def test_the_cuda_graph_setting_reaches_generation(tiny_config, build, monkeypat
     with torch.no_grad():
         out = task.eval().predict_step(batch, 0)
     assert calls == [{"cuda_graph": expected}] and len(out) == batch["input_ids"].shape[0]
+
+
+def test_the_padding_of_a_non_square_image_is_left_out_of_attention(task_and_batch):
+    """With mask_image_padding (the release's), what the LLM computes does not depend on the pixels of
+    the padding; without it, it does."""
+    task, _, batch = task_and_batch
+    short = dict(batch)
+    short["resized_sizes"] = batch["resized_sizes"].clone()
+    short["resized_sizes"][0, 0] = 12  # image 0: 12 of 32 rows are the image, the rest padding
+    other = dict(short)
+    other["pixel_values"] = short["pixel_values"].clone()
+    other["pixel_values"][0, :, 16:] = 2.0  # different padding content (rows >= 16: no image row's patch)
+    task.eval()
+
+    def forward(b):
+        with torch.no_grad():
+            _, inputs = task.encode(b, with_labels=True)
+            return task.lmm(inputs), inputs
+
+    (first, inputs), (second, _) = forward(short), forward(other)
+    attended = inputs.attention_mask.bool()  # (B, S'): the padding's own image tokens are not
+    assert torch.allclose(first[attended], second[attended], atol=1e-5)
+    image_tokens = inputs.token_ids == task.image_token_id  # (B, S')
+    assert inputs.attention_mask[0][image_tokens[0]].tolist() == [1] * 8 + [0] * 8  # 4x4 grid: 2 rows of 4
+    assert bool(inputs.attention_mask[1][image_tokens[1]].all())
+    assert torch.equal(inputs.position_ids, task.encode(batch, with_labels=True)[1].position_ids)
+    task.mask_image_padding = False
+    try:
+        assert (forward(short)[0][attended] - forward(other)[0][attended]).abs().max() > 1e-3
+    finally:
+        task.mask_image_padding = True

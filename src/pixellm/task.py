@@ -11,6 +11,7 @@ Data flow of one batch (B questions, T targets in all):
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -27,7 +28,7 @@ from pixellm.model.decoder import PixelDecoder
 from pixellm.model.lmm import LlavaLMM, MultimodalInputs
 from pixellm.model.losses import PixelLMLoss
 from pixellm.model.projection import VisionDecoderProjection
-from pixellm.model.vision import VisionEncoder
+from pixellm.model.vision import VisionEncoder, valid_cells
 from pixellm.reliability.codebook_groups import drop_malformed_groups
 from pixellm.reliability.nonfinite import NonFiniteLossGuard, any_rank_decision, skipped_step_loss
 from pixellm.reliability.skipping import is_empty_batch
@@ -68,6 +69,9 @@ class PixelLMTask(LightningModule):
             generate-mode evaluation: "iou" (1 - IoU, the paper) or "bce_dice" (the released code's).
         max_nonfinite_steps: training steps with a NaN/Inf loss that are skipped (no update) before
             the run stops (see ``NonFiniteLossGuard``).
+        mask_image_padding: keep the bottom/right padding of non-square images out of attention, as
+            the release does: a key-padding mask in the vision encoder (``VisionEncoder.forward``'s
+            ``resized_sizes``) and on the LLM's image tokens. False attends to the padding as well.
     """
 
     def __init__(
@@ -86,6 +90,7 @@ class PixelLMTask(LightningModule):
         cuda_graph: bool = True,
         match_cost: MatchCost = "iou",
         max_nonfinite_steps: int = 10,
+        mask_image_padding: bool = True,
     ) -> None:
         super().__init__()
         self.vision = vision
@@ -100,6 +105,7 @@ class PixelLMTask(LightningModule):
         self.cuda_graph = cuda_graph
         self.match_cost = match_cost
         self.nonfinite = NonFiniteLossGuard(max_nonfinite_steps)
+        self.mask_image_padding = mask_image_padding
         self.tokenizer = load_tokenizer(tokenizer, codebook.tokens)
         self.codebook.bind(self.tokenizer.convert_tokens_to_ids(codebook.tokens))
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
@@ -124,15 +130,22 @@ class PixelLMTask(LightningModule):
 
     # ------------------------------------------------------------------ shared forward pieces
     def encode(self, batch: dict, with_labels: bool) -> tuple[list[Tensor], MultimodalInputs]:
-        """Vision features of every scale and the spliced LLM inputs."""
-        features = self.vision(batch["pixel_values"])  # L x (B, C, h, w)
+        """Vision features of every scale and the spliced LLM inputs (with ``mask_image_padding``, the
+        image's padding is kept out of the vision encoder's and the LLM's attention)."""
+        sizes = batch["resized_sizes"] if self.mask_image_padding else None  # (B, 2) or None
+        features = self.vision(batch["pixel_values"], sizes)  # L x (B, C, h, w)
         image_embeds = self.lmm.embed_image(features[0])  # (B, P, H)
+        image_mask = None
+        if sizes is not None:
+            side = math.isqrt(image_embeds.shape[1])  # the image tokens' square grid
+            image_mask = valid_cells(sizes, batch["pixel_values"].shape[-1], side).flatten(1)  # (B, P)
         inputs = self.lmm.build_inputs(
             batch["input_ids"],
             batch["attention_mask"],
             image_embeds,
             self.image_token_id,
             batch["labels"] if with_labels else None,
+            image_mask,
         )
         return features, inputs
 

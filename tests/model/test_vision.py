@@ -12,6 +12,7 @@ from pixellm.model.vision import (
     CLIPVisionEncoder,
     TimmVisionEncoder,
     interpolate_position_table,
+    valid_cells,
 )
 
 TINY_CLIP = dict(
@@ -196,6 +197,37 @@ def test_clip_rejects_wrong_input_size():
 
 
 # --------------------------------------------------------------------------- timm
+
+
+def test_valid_cells_are_the_release_nearest_resize_of_the_pixel_mask():
+    sizes = torch.tensor([[100, 448], [448, 30], [448, 448]])
+    patches = valid_cells(sizes, 448, 32)  # 14-pixel patches: row i valid iff 14 i < 100
+    assert patches.shape == (3, 32, 32)
+    assert patches[0].sum(1).tolist() == [32] * 8 + [0] * 24 and patches[1].sum(0).tolist() == [32] * 3 + [0] * 29
+    tokens = valid_cells(sizes, 448, 16)  # the LLM's 16 x 16: 28-pixel cells
+    assert tokens[0].sum(1).tolist() == [16] * 4 + [0] * 12 and bool(tokens[2].all())
+    # the release's two nearest resizes, pixels -> 32 x 32 -> 16 x 16
+    pixels = torch.zeros(3, 1, 448, 448)
+    for b, (h, w) in enumerate(sizes.tolist()):
+        pixels[b, :, :h, :w] = 1
+    grid = torch.nn.functional.interpolate(pixels, size=(32, 32), mode="nearest")
+    assert torch.equal(grid[:, 0].bool(), patches)
+    assert torch.equal(torch.nn.functional.interpolate(grid, size=(16, 16), mode="nearest")[:, 0].bool(), tokens)
+
+
+def test_clip_keeps_the_padding_out_of_attention_given_the_sizes():
+    encoder = tiny_clip()
+    image = torch.randn(2, 3, 32, 32)
+    other = image.clone()
+    other[0, :, 16:] = 3.0  # image 0 is 16 pixels tall: other padding content
+    sizes = torch.tensor([[16, 32], [32, 32]])
+    masked = [encoder(x, sizes) for x in (image, other)]
+    for a, b in zip(*masked, strict=True):  # L x (B, C, 4, 4)
+        assert torch.allclose(a[0, :, :2], b[0, :, :2], atol=1e-6)  # image rows: same features
+        assert torch.equal(a[1], b[1])
+    plain = [encoder(x) for x in (image, other)]
+    assert (plain[0][0][0, :, :2] - plain[1][0][0, :, :2]).abs().max() > 1e-2  # without: they change
+    assert all(torch.equal(a, b) for a, b in zip(encoder(image, torch.tensor([[32, 32]] * 2)), plain[0], strict=True))
 
 
 def test_timm_returns_requested_blocks_in_requested_order():

@@ -241,6 +241,7 @@ class LlavaLMM(nn.Module):
         image_embeds: Tensor,
         image_token_id: int,
         labels: Tensor | None = None,
+        image_mask: Tensor | None = None,
     ) -> MultimodalInputs:
         """Replace the one image placeholder of every sequence by its P image tokens.
 
@@ -250,6 +251,8 @@ class LlavaLMM(nn.Module):
             image_embeds: (B, P, H) from :meth:`embed_image`.
             image_token_id: id of the placeholder.
             labels: (B, S) next-token targets with -100 where no loss is taken, or None.
+            image_mask: (B, P) bool, False on image tokens of the image's padding, which no token then
+                attends to (as the release); they keep their positions. None: all attended.
         """
         is_image = input_ids == image_token_id  # (B, S)
         per_row = is_image.sum(1)
@@ -272,7 +275,11 @@ class LlavaLMM(nn.Module):
         stacked = torch.cat([text_embeds, image_embeds.to(text_embeds.dtype)], dim=1)
         index = source[..., None].expand(-1, -1, stacked.shape[-1])
         inputs_embeds = stacked.gather(1, index)  # (B, S', H)
-        mask = torch.where(in_image, 1, attention_mask.gather(1, text_src))
+        real = torch.where(in_image, 1, attention_mask.gather(1, text_src))  # (B, S') 0 on text padding
+        mask = real
+        if image_mask is not None:
+            image_src = (pos - start).clamp(0, num_image - 1)  # (B, S') index into the image tokens
+            mask = torch.where(in_image, image_mask.gather(1, image_src).to(real.dtype), real)
         token_ids = torch.where(in_image, image_token_id, input_ids.gather(1, text_src))
         new_labels = None
         if labels is not None:
@@ -280,7 +287,7 @@ class LlavaLMM(nn.Module):
         return MultimodalInputs(
             inputs_embeds=inputs_embeds,
             attention_mask=mask,
-            position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+            position_ids=(real.cumsum(-1) - 1).clamp(min=0),
             token_ids=token_ids,
             labels=new_labels,
         )

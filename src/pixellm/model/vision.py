@@ -43,11 +43,13 @@ class VisionEncoder(nn.Module, abc.ABC):
     trainable: bool
 
     @abc.abstractmethod
-    def forward(self, pixel_values: Tensor) -> list[Tensor]:
+    def forward(self, pixel_values: Tensor, resized_sizes: Tensor | None = None) -> list[Tensor]:
         """pixel_values (B, 3, S, S) -> L tensors (B, C, h, w), scale 0 first.
 
         Scale 0 is the first requested layer (the deepest one used in the paper's setting,
-        e.g. CLIP layer -2).
+        e.g. CLIP layer -2). ``resized_sizes`` (B, 2) is each image's (height, width) before its
+        bottom/right padding, or None (no padding); an encoder may keep the padding out of its
+        attention with it (``CLIPVisionEncoder`` does, as the release) or ignore it.
         """
 
     def train(self, mode: bool = True) -> VisionEncoder:
@@ -72,6 +74,25 @@ class VisionEncoder(nn.Module, abc.ABC):
                 f"{type(self).__name__} expects pixel_values of shape (B, 3, {self.image_size}, "
                 f"{self.image_size}), got {shape}; resize/pad images to image_size={self.image_size}."
             )
+
+
+def valid_cells(resized_sizes: Tensor, image_size: int, cells: int) -> Tensor:
+    """(B, cells, cells) bool: the cells of a ``cells`` x ``cells`` grid over the (B, 3, S, S) input that
+    lie on the image rather than on its bottom/right padding.
+
+    Cell (i, j) is valid when its nearest input pixel, (floor(i S / cells), floor(j S / cells)), is:
+    the release's pixel mask resized by nearest-neighbour interpolation to the patch grid (and again
+    to the LLM's 16 x 16 tokens).
+
+    Args:
+        resized_sizes: (B, 2) each image's (height, width) before padding.
+        image_size: S.
+        cells: the grid side.
+    """
+    first_pixel = torch.arange(cells, device=resized_sizes.device) * image_size // cells  # (cells,)
+    rows = first_pixel[None] < resized_sizes[:, :1]  # (B, cells)
+    columns = first_pixel[None] < resized_sizes[:, 1:]  # (B, cells)
+    return rows[:, :, None] & columns[:, None, :]
 
 
 def resolve_layers(feature_layers: list[int], num_entries: int, *, what: str) -> list[int]:
@@ -213,11 +234,23 @@ class CLIPVisionEncoder(VisionEncoder):
         self.trainable = trainable
         self._freeze_unless_trainable()
 
-    def forward(self, pixel_values: Tensor) -> list[Tensor]:
-        """pixel_values (B, 3, S, S) -> L maps (B, C, h, w), patch tokens only, row-major."""
+    def forward(self, pixel_values: Tensor, resized_sizes: Tensor | None = None) -> list[Tensor]:
+        """pixel_values (B, 3, S, S) -> L maps (B, C, h, w), patch tokens only, row-major.
+
+        With ``resized_sizes`` (B, 2), no token attends to a patch on the padding (a key-padding
+        mask, as the release's padded CLIP); the padding patches' own features are still computed.
+        """
         self._check_input(pixel_values)
+        mask = {}
+        if resized_sizes is not None:
+            keys = valid_cells(resized_sizes, self.image_size, self.grid_size).flatten(1)  # (B, h*w)
+            if not bool(keys.all()):
+                keys = F.pad(keys, (1, 0), value=True)  # (B, 1 + h*w), the class token first
+                blocked = torch.zeros(keys.shape, dtype=self.model.dtype, device=keys.device)
+                blocked = blocked.masked_fill(~keys, torch.finfo(self.model.dtype).min)
+                mask["attention_mask"] = blocked[:, None, None, :]  # (B, 1, 1, 1 + h*w), additive
         with self._grad_context():
-            hidden = self.model(pixel_values=pixel_values, output_hidden_states=True).hidden_states
+            hidden = self.model(pixel_values=pixel_values, output_hidden_states=True, **mask).hidden_states
             maps = []
             for layer in self.layers:
                 tokens = hidden[layer][:, 1:]  # (B, h*w, C), class token dropped
@@ -328,8 +361,9 @@ class TimmVisionEncoder(VisionEncoder):
         self.trainable = trainable
         self._freeze_unless_trainable()
 
-    def forward(self, pixel_values: Tensor) -> list[Tensor]:
-        """pixel_values (B, 3, S, S) -> L maps (B, C, h, w), prefix tokens dropped."""
+    def forward(self, pixel_values: Tensor, resized_sizes: Tensor | None = None) -> list[Tensor]:
+        """pixel_values (B, 3, S, S) -> L maps (B, C, h, w), prefix tokens dropped; ``resized_sizes`` is
+        not used (timm's ``forward_intermediates`` takes no key-padding mask)."""
         self._check_input(pixel_values)
         with self._grad_context():
             taken = self.model.forward_intermediates(
