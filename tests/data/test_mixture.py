@@ -159,15 +159,13 @@ def test_eval_sets_are_named_and_collated_by_mode(shapes_dir: Path) -> None:
         _module(shapes_dir, test=[EvalSet("a", Chat()), EvalSet("a", Chat())])
 
 
-MIXTURE_YAML = """
+MUSE_MODULE_YAML = """
 class_path: pixellm.data.mixture.MixtureDataModule
 init_args:
   tokenizer: shapes
   image_size: 32
   template: plain
   batch_size: 4
-  samples_per_epoch: 16
-  seed: 1
   train:
     - name: muse
       ratio: 4
@@ -175,10 +173,13 @@ init_args:
         - dataset:
             class_path: pixellm.data.muse.MuseDataset
             init_args: {{json_path: {root}/muse_train.json, image_root: {root}/images}}
-    - name: vqa
+"""  # then more train groups, or other init_args
+MIXTURE_YAML = MUSE_MODULE_YAML + """    - name: vqa
       ratio: 2
       datasets:
         - dataset: {{class_path: {chat}}}
+  samples_per_epoch: 16
+  seed: 1
   val:
     - name: val
       dataset:
@@ -214,21 +215,7 @@ def test_a_mixture_from_yaml_trains_the_tiny_model(
     assert all(np.isfinite(losses)) and losses[-1] < losses[0]
 
 
-POOLED_TEST_YAML = """
-class_path: pixellm.data.mixture.MixtureDataModule
-init_args:
-  tokenizer: shapes
-  image_size: 32
-  template: plain
-  batch_size: 4
-  train:
-    - name: muse
-      ratio: 1
-      datasets:
-        - dataset:
-            class_path: pixellm.data.muse.MuseDataset
-            init_args: {{json_path: {root}/muse_train.json, image_root: {root}/images}}
-  test:
+POOLED_TEST_YAML = MUSE_MODULE_YAML + """  test:
     - name: test
       mode: generate
       dataset:

@@ -124,15 +124,20 @@ def test_limit_stops_the_run_with_the_summary() -> None:
         report.on_train_batch_start(trainer, None, _batch(3, 1), 1)
 
 
-def test_datamodule_loaders_skip_and_count_a_bad_image(tmp_path: Path) -> None:
-    records = [record(file_name=f"{i}.png") for i in range(6)]
-    images = {f"{i}.png": Image.new("RGB", (W, H), (i, 0, 0)) for i in range(6)}
+def module_with_a_bad_image(tmp_path: Path, count: int, bad: int, **options: Any) -> MuseDataModule:
+    """A MuseDataModule over ``count`` one-question records whose image ``bad`` is not a readable image
+    (train and val read the same file)."""
+    records = [record(file_name=f"{i}.png") for i in range(count)]
+    images = {f"{i}.png": Image.new("RGB", (W, H), (30 * i, 0, 0)) for i in range(count)}
     path = write_dataset(tmp_path, records, images)
-    (tmp_path / "images" / "3.png").write_bytes(b"broken")
-    data = MuseDataModule(
-        str(path), str(path), str(tmp_path / "images"), tokenizer="shapes",
-        image_size=32, template="plain", batch_size=3, val_batch_size=3,
+    (tmp_path / "images" / f"{bad}.png").write_bytes(b"\x89PNG broken")
+    return MuseDataModule(
+        str(path), str(path), str(tmp_path / "images"), tokenizer="shapes", image_size=32, template="plain", **options
     )
+
+
+def test_datamodule_loaders_skip_and_count_a_bad_image(tmp_path: Path) -> None:
+    data = module_with_a_bad_image(tmp_path, 6, 3, batch_size=3, val_batch_size=3)
     data.setup("fit")
     with pytest.warns(UserWarning, match=r"skipping bad sample\(s\), first: .*record 3: field 'file_name'"):
         batches = list(data.val_dataloader())
@@ -145,15 +150,8 @@ def test_datamodule_loaders_skip_and_count_a_bad_image(tmp_path: Path) -> None:
 def test_fit_skips_a_bad_image_and_reports_or_stops(tmp_path: Path, tiny_config, build) -> None:
     from lightning import Trainer
 
-    records = [record(file_name=f"{i}.png") for i in range(8)]
-    images = {f"{i}.png": Image.new("RGB", (W, H), (30 * i, 0, 0)) for i in range(8)}
-    path = write_dataset(tmp_path, records, images)
-    (tmp_path / "images" / "5.png").write_bytes(b"\x89PNG broken")
     task, _ = build(tiny_config)
-    data = MuseDataModule(
-        str(path), str(path), str(tmp_path / "images"), tokenizer="shapes",
-        image_size=32, template="plain", batch_size=4, val_batch_size=4,
-    )
+    data = module_with_a_bad_image(tmp_path, 8, 5, batch_size=4, val_batch_size=4)
 
     def fit(report: SkippedSamplesReport) -> Trainer:
         trainer = Trainer(
@@ -175,15 +173,8 @@ def test_evaluation_report_passes_over_a_batch_of_only_bad_samples(tmp_path: Pat
 
     from pixellm.callbacks import EvaluationReport
 
-    records = [record(file_name=f"{i}.png") for i in range(4)]
-    images = {f"{i}.png": Image.new("RGB", (W, H), (40 * i, 0, 0)) for i in range(4)}
-    path = write_dataset(tmp_path, records, images)
-    (tmp_path / "images" / "2.png").write_bytes(b"broken")
     task, _ = build(tiny_config)
-    data = MuseDataModule(
-        str(path), str(path), str(tmp_path / "images"), tokenizer="shapes", image_size=32, template="plain",
-        batch_size=1, val_batch_size=1, eval_mode="generate",
-    )
+    data = module_with_a_bad_image(tmp_path, 4, 2, batch_size=1, val_batch_size=1, eval_mode="generate")
     report = EvaluationReport(output_dir=str(tmp_path / "eval"))
     trainer = Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False, callbacks=[report])
     with pytest.warns(UserWarning, match=r"skipping bad sample\(s\), first: .*record 2: field 'file_name'"):
