@@ -12,6 +12,7 @@ from PIL import Image
 from torch.utils.data import Dataset, DistributedSampler
 
 from pixellm.data.mixture import (
+    EpochConcatDataset,
     EvalSet,
     MixtureDataModule,
     MixtureGroup,
@@ -106,6 +107,23 @@ def test_order_depends_only_on_seed_and_epoch() -> None:
     assert draw(0, 0) != draw(0, 1) and draw(0, 0) != draw(1, 0)
     sampler = MixtureSampler([5, 7, 11, 3, 13], probabilities, 50, 0)
     assert [list(sampler), list(sampler)] == [draw(0, 0), draw(0, 1)]  # passes advance the epoch
+
+
+class Drawn(Numbers):
+    """Items that depend on the epoch they are read in."""
+
+    def draw(self, i: int, epoch: int) -> tuple[int, int]:
+        return i, epoch
+
+
+def test_keys_carry_the_epoch_to_datasets_that_draw_anew_each_epoch() -> None:
+    data = EpochConcatDataset([Numbers(5), Drawn(7)])
+    sampler = MixtureSampler([5, 7], [0.5, 0.5], 40, seed=0)
+    for epoch in (0, 1, 2):
+        keys = list(sampler)
+        assert [k // 12 for k in keys] == [epoch] * 40  # key = epoch * 12 + index
+        expected = [k % 12 if k % 12 < 5 else (k % 12 - 5, epoch) for k in keys]
+        assert [data[k] for k in keys] == expected
 
 
 def test_replicas_split_one_epoch_between_them() -> None:

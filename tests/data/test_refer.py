@@ -193,6 +193,14 @@ def test_multi_referring_training_deals_disjoint_questions(refcoco: Path) -> Non
     assert len(set(drawn)) == 9
     again = _dataset(MultiReferDataset, refcoco, "val", train=True, seed=1)
     assert [again[i].question for i in range(4)] == [many[i].question for i in range(4)]
+    # each epoch deals anew (disjoint within it), so the image's other 8 sentences get asked too
+    seen = set()
+    for epoch in range(12):
+        drawn = [t["description"] for i in (1, 2, 3) for t in many.draw(i, epoch).meta["targets"]]
+        assert len(set(drawn)) == 9
+        seen |= set(drawn)
+    assert len(seen) == 17
+    assert [many.draw(i, 0).question for i in range(4)] == [many[i].question for i in range(4)]
 
 
 def test_a_malicious_refs_pickle_is_refused(refcoco: Path) -> None:

@@ -11,6 +11,7 @@ order of an epoch is a pure function of ``(seed, epoch)``: it is drawn in the ma
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, DistributedSampler
 
 from pixellm.data.datamodule import SampleDataModule
+from pixellm.data.sample import Sample
 from pixellm.data.splits import EvalMode, EvalSplit
 
 
@@ -94,9 +96,11 @@ def source_probabilities(groups: list[MixtureGroup]) -> list[float]:
 
 
 class MixtureSampler(DistributedSampler):
-    """Indices into the concatenation of datasets: a dataset drawn by probability, then one of its
+    """Keys into the concatenation of datasets: a dataset drawn by probability, then one of its
     items uniformly, ``num_samples`` times per epoch over all replicas, from
     ``numpy.random.default_rng([seed, epoch])``; replica ``rank`` takes every ``num_replicas``-th.
+    A key is ``epoch * N + index`` (N: the concatenation's length), so ``EpochConcatDataset`` can let
+    each dataset draw its random choices anew every epoch.
 
     ``set_epoch`` (Lightning calls it every epoch, also after a resume) picks the epoch; without it
     each pass moves on to the next epoch. Being a ``DistributedSampler``, it is not wrapped again
@@ -131,12 +135,32 @@ class MixtureSampler(DistributedSampler):
         self.offsets = np.concatenate([[0], np.cumsum(self.sizes)[:-1]])
 
     def __iter__(self) -> Iterator[int]:
-        rng = np.random.default_rng([self.seed, self.epoch])
+        epoch = self.epoch
+        rng = np.random.default_rng([self.seed, epoch])
         self.epoch += 1
         which = rng.choice(len(self.sizes), size=self.total_size, p=self.probabilities)  # (n,)
         within = (rng.random(self.total_size) * self.sizes[which]).astype(np.int64)  # (n,)
-        indices = self.offsets[which] + within  # (n,) into the concatenation
-        return iter(indices[self.rank : self.total_size : self.num_replicas].tolist())
+        keys = epoch * int(self.sizes.sum()) + self.offsets[which] + within  # (n,) into the concatenation
+        return iter(keys[self.rank : self.total_size : self.num_replicas].tolist())
+
+
+class EpochConcatDataset(ConcatDataset):
+    """The concatenation of the training datasets, read by ``MixtureSampler``'s keys
+    ``epoch * len(self) + index``.
+
+    A dataset with a ``draw(index, epoch)`` method (``MultiReferDataset`` and the semantic
+    segmentation sets, which deal an image's targets into questions) makes item ``index`` anew for
+    each epoch, as the release re-draws at every read, so an image's targets beyond one deal are
+    trained on in later epochs; any other dataset is read as ``dataset[index]``.
+    """
+
+    def __getitem__(self, key: int) -> Sample:
+        epoch, index = divmod(key, len(self))
+        source = bisect.bisect_right(self.cumulative_sizes, index)
+        local = index - (self.cumulative_sizes[source - 1] if source else 0)
+        dataset = self.datasets[source]
+        draw = getattr(dataset, "draw", None)
+        return dataset[local] if draw is None else draw(local, epoch)
 
 
 class MixtureDataModule(SampleDataModule):
@@ -165,7 +189,7 @@ class MixtureDataModule(SampleDataModule):
         self.groups = list(train)
         self.probabilities = source_probabilities(self.groups)
         sources = [s.dataset for g in self.groups for s in g.datasets]
-        self.train_set = ConcatDataset(sources)
+        self.train_set = EpochConcatDataset(sources)
         self.samples_per_epoch = samples_per_epoch
         self.eval_sets = {"val": list(val or []), "test": list(test or [])}
         for stage, sets in self.eval_sets.items():

@@ -188,8 +188,10 @@ class MultiReferDataset(ReferDatasetBase):
 
     Training (as released, ``allocate_class``): per image, up to ``max_questions *
     max_targets`` of its sentences are drawn and dealt into up to ``max_questions`` questions of
-    up to ``max_targets`` targets; the deal is fixed by ``(seed, image)``, so the questions of an
-    image (one item each) never share a drawn sentence. Templates as ``training_prompt``.
+    up to ``max_targets`` targets; the deal is fixed by ``(seed, epoch, image)``, so the questions of
+    an image (one item each) never share a drawn sentence within an epoch, and an image with more
+    sentences than one deal takes has others drawn in other epochs (``draw``; ``dataset[i]`` is
+    epoch 0's). Templates as ``training_prompt``.
 
     Evaluation (as the release's ValDataset with ``multi`` data): per image, its sentences in refs
     order are cut into consecutive groups whose sizes cycle through ``group_sizes`` (6, 5, 4, 6,
@@ -247,6 +249,11 @@ class MultiReferDataset(ReferDatasetBase):
         return items
 
     def __getitem__(self, index: int) -> Sample:
+        return self.draw(index, 0)
+
+    def draw(self, index: int, epoch: int) -> Sample:
+        """Item ``index`` with the training deal and templates of ``epoch`` (``EpochConcatDataset``);
+        evaluation items do not depend on the epoch."""
         position, choice = self.items[index]
         image_id = self.image_ids[position]
         sentences = self.image_sentences[image_id]
@@ -255,11 +262,11 @@ class MultiReferDataset(ReferDatasetBase):
                 len(sentences),
                 self.max_questions,
                 self.max_targets,
-                seeded_rng(self.seed, position),
+                seeded_rng(self.seed, epoch, position),
             )
             chosen = [sentences[i] for i in groups[choice]]
             names = [self.sentence(*pair) for pair in chosen]
-            question, answer = training_prompt(names, seeded_rng(self.seed, position, choice + 1))
+            question, answer = training_prompt(names, seeded_rng(self.seed, epoch, position, choice + 1))
             question_index = choice
         else:
             chosen = [sentences[i] for i in choice]

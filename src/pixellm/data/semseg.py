@@ -62,8 +62,10 @@ class SemanticSegDataset(Dataset[Sample], ABC):
     """Multi-class questions over images with dense class labels; subclasses read the files.
 
     Items are (image, question slot) for ``max_questions`` slots per image; the deal of classes
-    into questions is fixed by ``(seed, image)``, so the slots of an image ask for disjoint classes
-    (an image with fewer questions repeats them in its extra slots).
+    into questions is fixed by ``(seed, epoch, image)``, so the slots of an image ask for disjoint
+    classes within an epoch (an image with fewer questions repeats them in its extra slots), and an
+    image with more classes than one deal takes has others asked for in other epochs (``draw``;
+    ``dataset[i]`` is epoch 0's).
 
     Args:
         dataset: Name written to ``meta["dataset"]``.
@@ -100,6 +102,10 @@ class SemanticSegDataset(Dataset[Sample], ABC):
         return self.num_images() * self.max_questions
 
     def __getitem__(self, index: int) -> Sample:
+        return self.draw(index, 0)
+
+    def draw(self, index: int, epoch: int) -> Sample:
+        """Item ``index`` with the deal and templates of ``epoch`` (``EpochConcatDataset``)."""
         position, slot = divmod(index, self.max_questions)
         found, tried = self.candidates(position), 1
         while not found.names and tried < self.num_images():  # as released: take another image
@@ -111,10 +117,10 @@ class SemanticSegDataset(Dataset[Sample], ABC):
         if not found.names:
             raise ValueError(f"{self.dataset}: no image has a labelled class")
         groups = group_targets(
-            len(found.names), self.max_questions, self.max_targets, seeded_rng(self.seed, position)
+            len(found.names), self.max_questions, self.max_targets, seeded_rng(self.seed, epoch, position)
         )
         chosen = groups[slot % len(groups)]
-        rng = seeded_rng(self.seed, position, slot + 1)
+        rng = seeded_rng(self.seed, epoch, position, slot + 1)
         names = [spoken_name(found.names[i], rng) for i in chosen]
         question, answer = training_prompt(names, rng)
         masks = [found.mask(i) for i in chosen]
