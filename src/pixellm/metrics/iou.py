@@ -2,7 +2,7 @@
 
 Definitions (as the released evaluation), over the (prediction, ground truth) pairs of a split:
 - per-pair IoU = I / (U + 1e-5), and 1 when prediction and ground truth are both empty;
-- per-pair score = s * IoU, where s = judge / 10 in the MUSE protocol and s = 1 otherwise;
+- per-pair score = s * IoU, where s = judge / 10 in the MUSE protocol and s = 1 otherwise, and 0 for an unassigned pair (Sec. 4.3);
 - **gIoU** = sum of per-pair scores / number of pairs (the mean over masks, not images);
 - **cIoU** = sum of s * I / sum of U over the split.
 Pairs are in text order (teacher forcing), or from Hungarian matching, where a question with P
