@@ -126,6 +126,14 @@ def test_precision_is_fp32_on_cpu_and_half_precision_needs_a_gpu():
         resolve_dtype("int3", cpu)
 
 
+@pytest.mark.parametrize("option", ["--batch-size", "--max-new-tokens"])
+def test_counts_below_one_are_refused_before_loading_a_model(tmp_path, capsys, option):
+    with pytest.raises(SystemExit) as exit_info:  # the folder does not even exist: nothing was loaded
+        main(["predict", "--model", str(tmp_path / "none"), "--image", "x.png", "--question", "q", option, "0"])
+    assert exit_info.value.code == 2
+    assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_jsonl_requests_resolve_relative_paths_and_name_bad_lines(tmp_path):
     random_image(0).save(tmp_path / "x.png")
     good = tmp_path / "good.jsonl"

@@ -27,6 +27,17 @@ from pixellm.inference.writers import OutputFolders, write_prediction
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1, refused before any model is loaded."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """Options shared by the commands that load an exported folder."""
     parser.add_argument("--model", required=True, help="folder written by `pixellm export`")
@@ -36,7 +47,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
                         help="auto: bf16 (else fp16) on GPU, fp32 on CPU")
     parser.add_argument("--quantize", choices=["8bit", "4bit"], help="LLM weights via bitsandbytes (optional extra)")
-    parser.add_argument("--max-new-tokens", type=int, help="answer length limit (default: the folder's)")
+    parser.add_argument("--max-new-tokens", type=positive_int, help="answer length limit (default: the folder's)")
 
 
 def load_predictor(args: argparse.Namespace, batch_size: int = 1) -> Predictor:
@@ -102,7 +113,7 @@ def predict_command(argv: list[str]) -> None:
     source.add_argument("--jsonl", type=Path, help="JSONL of {image, question} records")
     parser.add_argument("--question", help="the question asked about every --image")
     parser.add_argument("--out", type=Path, default=Path("predictions"), help="output folder")
-    parser.add_argument("--batch-size", type=int, default=1, help="requests per forward pass")
+    parser.add_argument("--batch-size", type=positive_int, default=1, help="requests per forward pass")
     args = parser.parse_args(argv)
     if args.image is not None:
         if not args.question:
