@@ -146,6 +146,9 @@ def test_jsonl_requests_resolve_relative_paths_and_name_bad_lines(tmp_path):
     bad.write_text(json.dumps({"image": "missing.png", "question": "q?"}) + "\n")
     with pytest.raises(FileNotFoundError, match=r"line 1: field 'image'"):
         read_jsonl(bad)
+    bad.write_text(json.dumps({"image": "x.png", "question": "what is in <image>?"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl line 1: field 'question': holds '<image>'"):
+        read_jsonl(bad)
 
 
 def test_predict_with_a_config_stays_lightnings_and_tools_are_found_by_name(exported_tiny):

@@ -23,7 +23,9 @@ from pixellm.data.images import open_rgb
 from pixellm.inference.chat import chat_loop
 from pixellm.inference.predictor import Predictor, Request
 from pixellm.inference.writers import OutputFolders, write_prediction
+from pixellm.tokenizer import IMAGE_TOKEN
 
+IMAGE_NOTE = f"holds {IMAGE_TOKEN!r}, which marks where the image goes; the image is placed for you"
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 
@@ -83,6 +85,8 @@ def read_jsonl(path: Path) -> list[tuple[Path, str]]:
         for name in ("image", "question"):
             if not isinstance(record, dict) or not isinstance(record.get(name), str) or not record[name].strip():
                 raise ValueError(f"{path} line {number}: field {name!r} must be a non-empty string")
+        if IMAGE_TOKEN in record["question"]:
+            raise ValueError(f"{path} line {number}: field 'question': {IMAGE_NOTE}")
         image = Path(record["image"]).expanduser()
         image = image if image.is_absolute() else path.parent / image
         if not image.is_file():
@@ -118,6 +122,8 @@ def predict_command(argv: list[str]) -> None:
     if args.image is not None:
         if not args.question:
             parser.error("--image needs --question")
+        if IMAGE_TOKEN in args.question:
+            parser.error(f"--question: {IMAGE_NOTE}")
         pairs = [(path, args.question) for path in image_files(args.image)]
     else:
         pairs = read_jsonl(args.jsonl)
