@@ -179,7 +179,8 @@ class PixelLMTask(LightningModule):
 
     # ------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: dict, batch_idx: int) -> Tensor | None:
-        if is_empty_batch(batch):  # every sample was skipped: no update
+        if is_empty_batch(batch):  # every sample was skipped: no update, but the ranks' decision is still joined
+            self.nonfinite.should_skip(torch.zeros(()), self.global_step, any_rank_decision(self))
             return skipped_step_loss(self)
         ce, masks = self.teacher_forced(batch)
         terms = self.loss(ce, masks, batch["masks"])

@@ -127,6 +127,32 @@ def test_skipped_step_keeps_every_rank_in_the_all_reduce(monkeypatch) -> None:
     assert torch.equal(module.layer.bias.grad, torch.zeros(3))
 
 
+def test_a_rank_with_an_empty_batch_joins_the_other_ranks_decision(tiny_config, build, monkeypatch) -> None:
+    """Every rank enters the same collectives at every step: the non-finite decision, then the
+    gradient all-reduce, whether its batch had samples or not."""
+    from types import SimpleNamespace
+
+    task, data = build(tiny_config, "--model.init_args.max_nonfinite_steps=1")
+    data.prepare_data()
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    decisions = []
+
+    def reduce_boolean_decision(bad: bool, all: bool = True) -> bool:  # another rank's loss was NaN
+        decisions.append(bad)
+        return True
+
+    strategy = SimpleNamespace(reduce_boolean_decision=reduce_boolean_decision)
+    monkeypatch.setattr(task, "_trainer", SimpleNamespace(world_size=2, strategy=strategy, global_step=0))
+    monkeypatch.setattr(task, "log", lambda *args, **kwargs: None)
+    empty = {"meta": [], "skipped": [SkippedSample(0, "bad")]}
+    with pytest.warns(UserWarning, match="step skipped"):
+        assert float(task.training_step(empty, 0)) == 0.0  # a zero loss: it joins the all-reduce too
+    assert decisions == [False] and task.nonfinite.skipped == 1  # counted as on the other ranks
+    with pytest.raises(NonFiniteLossError, match="after 1 skipped"):  # and it stops with them
+        task.training_step(batch, 1)
+
+
 def test_cli_names_a_truncated_ckpt_path(tmp_path: Path, tiny_config) -> None:
     from pixellm.main import main
     from pixellm.reliability.checkpoint_io import check_checkpoint_file
