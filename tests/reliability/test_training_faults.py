@@ -164,3 +164,27 @@ def test_cli_names_a_truncated_ckpt_path(tmp_path: Path, tiny_config) -> None:
     cut.write_bytes(good.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match=r"last\.ckpt: not a loadable checkpoint \(BadZipFile"):
         main(["validate", "--config", str(tiny_config), "--ckpt_path", str(cut)])
+
+
+def test_ckpt_path_last_finds_the_newest_run_whatever_its_version_folder(tmp_path: Path, tiny_config) -> None:
+    """Loggers number each run's folder (version_0, version_1, ...), where Lightning's own "last"
+    looks only in the new, empty one: `pixellm validate --ckpt_path last` would score an untrained
+    model and `fit --ckpt_path last` would start over."""
+    from pixellm.main import main
+
+    run = [
+        "--config", str(tiny_config), "--trainer.enable_checkpointing=true",
+        '--trainer.callbacks+={"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": true}}',
+        "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
+        "--trainer.logger.name=", f"--trainer.default_root_dir={tmp_path}",
+    ]
+    with pytest.raises(FileNotFoundError, match=rf"--ckpt_path last: no last\*\.ckpt of an earlier run under {tmp_path}"):
+        main(["validate", *run, "--ckpt_path", "last"])
+    trained = main(["fit", *run, "--trainer.max_steps=2", "--trainer.val_check_interval=2"]).model
+    assert (tmp_path / "version_0" / "checkpoints" / "last.ckpt").is_file()
+    resumed = main(["fit", *run, "--trainer.max_steps=3", "--trainer.val_check_interval=3", "--ckpt_path", "last"])
+    assert resumed.trainer.global_step == 3 and (tmp_path / "version_1" / "checkpoints" / "last.ckpt").is_file()
+    validated = main(["validate", *run, "--ckpt_path", "last"])  # version_1's, the newest
+    assert validated.trainer.ckpt_path == str(tmp_path / "version_1" / "checkpoints" / "last.ckpt")
+    assert not torch.equal(validated.model.decoder.iou_token.weight, trained.decoder.iou_token.weight)
+    assert torch.equal(validated.model.decoder.iou_token.weight, resumed.model.decoder.iou_token.weight)

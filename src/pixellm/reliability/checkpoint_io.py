@@ -11,6 +11,7 @@ turns any failure into a ``CheckpointError`` naming the file. Use it as ``traine
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 import zipfile
 from collections.abc import Callable
@@ -116,13 +117,55 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         return load_checkpoint_file(path, map_location)
 
 
+def _init_arg(component: Any, name: str) -> Any:
+    """``component.init_args.<name>`` of a parsed ``class_path`` component, else None."""
+    return getattr(getattr(component, "init_args", None), name, None)
+
+
+def last_checkpoint_roots(config: Any) -> tuple[list[Path], bool]:
+    """Where runs of ``config`` (one sub-command's parsed section) keep ``last.ckpt``, and whether
+    those are ``ModelCheckpoint`` ``dirpath``s (else roots whose version folders hold ``checkpoints/``:
+    the loggers' ``save_dir``, else ``trainer.default_root_dir``)."""
+    callbacks = config.get("trainer.callbacks") or []
+    dirpaths = [Path(d) for d in (_init_arg(c, "dirpath") for c in callbacks) if d]
+    if dirpaths:
+        return dirpaths, True
+    loggers = config.get("trainer.logger")
+    loggers = loggers if isinstance(loggers, list) else [loggers]
+    roots = [Path(d) for d in (_init_arg(lg, "save_dir") for lg in loggers) if d]
+    return roots or [Path(config.get("trainer.default_root_dir") or ".")], False
+
+
+def find_last_checkpoint(config: Any) -> Path | None:
+    """The newest ``last*.ckpt`` of earlier runs of ``config``, whichever version folder its logger
+    numbered (Lightning's own ``"last"`` looks only in the new run's, empty, folder)."""
+    roots, are_dirpaths = last_checkpoint_roots(config)
+    found = [
+        path
+        for root in roots
+        for path in (root.glob("last*.ckpt") if are_dirpaths else root.rglob("checkpoints/last*.ckpt"))
+    ]
+    return max(found, key=lambda path: path.stat().st_mtime, default=None)
+
+
 class CheckpointCheckingCLI(LightningCLI):
-    """``LightningCLI`` that checks ``--ckpt_path`` before Lightning's CLI ``torch.load``-s it
-    (for its hyper-parameters), so a truncated file fails with a ``CheckpointError`` naming it."""
+    """``LightningCLI`` that resolves ``--ckpt_path last`` to the newest ``last.ckpt`` of earlier runs
+    (``find_last_checkpoint``; ``validate`` / ``test`` / ``predict`` fail naming where they looked
+    when there is none, ``fit`` then starts afresh) and checks the file before Lightning's CLI
+    ``torch.load``-s it (for its hyper-parameters), so a truncated file fails with a
+    ``CheckpointError`` naming it."""
 
     def parse_arguments(self, parser: ArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path == "last":
+            found = find_last_checkpoint(self.config[subcommand])
+            if found is None and subcommand != "fit":
+                roots = ", ".join(str(r) for r in last_checkpoint_roots(self.config[subcommand])[0])
+                raise FileNotFoundError(f"--ckpt_path last: no last*.ckpt of an earlier run under {roots}")
+            if found is not None:
+                path = self.config[subcommand]["ckpt_path"] = str(found)
+                print(f"--ckpt_path last: {found}", file=sys.stderr)
         if path and Path(path).is_file():
             check_checkpoint_file(path)
