@@ -188,6 +188,10 @@ def test_export_command_refuses_a_checkpoint_that_needs_unpickling_code(tiny_con
     torch.save({"state_dict": {}, "payload": pickle.loads(pickle.dumps(Path("x")))}, ckpt)
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         main(["export", "--config", str(tiny_config), "--ckpt_path", str(ckpt), "--out", str(tmp_path / "o")])
+    folder = tmp_path / "last.ckpt"  # what DeepSpeedStrategy saves
+    (folder / "checkpoint").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"last\.ckpt: a DeepSpeed checkpoint folder.*convert_zero_checkpoint_to_fp32"):
+        main(["export", "--config", str(tiny_config), "--ckpt_path", str(folder), "--out", str(tmp_path / "o")])
 
 
 def test_validate_runs_on_an_exported_folder_with_its_weights(tiny_config, exported_tiny, tmp_path):

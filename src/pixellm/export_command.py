@@ -67,6 +67,12 @@ def config_text(path: Path) -> str:
 
 def load_checkpoint_state(ckpt_path: Path) -> dict[str, torch.Tensor]:
     """The ``state_dict`` of a Lightning checkpoint, read with ``weights_only=True``."""
+    if ckpt_path.is_dir():  # DeepSpeedStrategy (configs/muse.yaml) saves each checkpoint as a folder
+        raise ValueError(
+            f"{ckpt_path}: a DeepSpeed checkpoint folder, not one file; consolidate it first with Lightning's "
+            f"lightning.pytorch.utilities.deepspeed.convert_zero_checkpoint_to_fp32_state_dict("
+            f"'{ckpt_path}', 'consolidated.ckpt') (needs deepspeed), then export consolidated.ckpt"
+        )
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"{ckpt_path}: checkpoint not found")
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
