@@ -7,7 +7,12 @@ from torch.optim.lr_scheduler import LambdaLR
 
 
 class WarmupLinearLR(LambdaLR):
-    """LR factor ``step / warmup_steps`` during warm-up, then linear decay to 0 at ``total_steps``.
+    """LR factor ``(step + 1) / (warmup_steps + 1)`` during warm-up, then linear decay to 0 at ``total_steps``.
+
+    A resumed run keeps the ``warmup_steps`` and ``total_steps`` it was configured with (for
+    ``total_steps=None``: its own trainer's length) and takes only the step count from the
+    checkpoint, so a run resumed with a larger ``max_steps`` decays over the new length instead of
+    staying at 0 past the old one.
 
     Args:
         optimizer: the wrapped optimizer.
@@ -28,3 +33,7 @@ class WarmupLinearLR(LambdaLR):
         total = self.total_steps if self.total_steps is not None else step + 1
         remaining = max(total - step, 0)
         return remaining / max(total - self.warmup_steps, 1)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """The checkpoint's step count and LRs; this run's ``warmup_steps`` and ``total_steps``."""
+        super().load_state_dict({k: v for k, v in state_dict.items() if k not in ("warmup_steps", "total_steps")})
