@@ -113,13 +113,19 @@ def test_skipped_step_keeps_every_rank_in_the_all_reduce(monkeypatch) -> None:
     from types import SimpleNamespace
 
     from lightning import LightningModule
+    from lightning.pytorch.strategies import DeepSpeedStrategy
 
     from pixellm.reliability.nonfinite import skipped_step_loss
 
     module = LightningModule()
     module.layer = torch.nn.Linear(2, 3)
     assert skipped_step_loss(module) is None  # no trainer: one device
-    monkeypatch.setattr(module, "_trainer", SimpleNamespace(world_size=2))
+    monkeypatch.setattr(module, "_trainer", SimpleNamespace(world_size=1, strategy=None))
+    assert skipped_step_loss(module) is None  # one device: no backward, no update
+    deepspeed = DeepSpeedStrategy.__new__(DeepSpeedStrategy)  # Lightning's DeepSpeed refuses a None loss
+    monkeypatch.setattr(module, "_trainer", SimpleNamespace(world_size=1, strategy=deepspeed))
+    assert float(skipped_step_loss(module).detach()) == 0.0
+    monkeypatch.setattr(module, "_trainer", SimpleNamespace(world_size=2, strategy=None))
     loss = skipped_step_loss(module)
     loss.backward()
     assert float(loss.detach()) == 0.0

@@ -8,6 +8,7 @@ from functools import partial
 
 import torch
 from lightning import LightningModule
+from lightning.pytorch.strategies import DeepSpeedStrategy
 from torch import Tensor
 
 
@@ -71,15 +72,16 @@ def skipped_step_loss(module: LightningModule) -> Tensor | None:
     """What ``training_step`` returns for a step it skips (non-finite loss, empty batch).
 
     On one device ``None``: Lightning then makes no backward pass and no update. With several
-    processes ``None`` would leave the other ranks waiting in the gradient all-reduce, so it is a
-    zero loss over every trainable parameter instead: all gradients are 0 and every rank joins the
-    all-reduce (the optimizer still applies its momentum for that step).
+    processes ``None`` would leave the other ranks waiting in the gradient all-reduce, and
+    Lightning's DeepSpeed precision refuses ``None`` even on one device, so there it is a zero loss
+    over every trainable parameter instead: all gradients are 0 and every rank joins the all-reduce
+    (the optimizer still applies its momentum for that step).
     """
     try:
-        world_size = module.trainer.world_size
+        trainer = module.trainer
     except RuntimeError:  # not attached to a Trainer
-        world_size = 1
-    if world_size == 1:
+        return None
+    if trainer.world_size == 1 and not isinstance(trainer.strategy, DeepSpeedStrategy):
         return None
     return torch.stack([p.sum() for p in module.parameters() if p.requires_grad]).sum() * 0.0
 
