@@ -132,13 +132,14 @@ class PixelLMTask(LightningModule):
     def encode(self, batch: dict, with_labels: bool) -> tuple[list[Tensor], MultimodalInputs]:
         """Vision features of every scale and the spliced LLM inputs (with ``mask_image_padding``, the
         image's padding is kept out of the vision encoder's and the LLM's attention)."""
-        sizes = batch["resized_sizes"] if self.mask_image_padding else None  # (B, 2) or None
-        features = self.vision(batch["pixel_values"], sizes)  # L x (B, C, h, w)
+        pixels = batch["pixel_values"]  # (B, 3, S, S)
+        sizes = batch["resized_sizes"].to(pixels.device) if self.mask_image_padding else None  # (B, 2) or None
+        features = self.vision(pixels, sizes)  # L x (B, C, h, w)
         image_embeds = self.lmm.embed_image(features[0])  # (B, P, H)
         image_mask = None
         if sizes is not None:
             side = math.isqrt(image_embeds.shape[1])  # the image tokens' square grid
-            image_mask = valid_cells(sizes, batch["pixel_values"].shape[-1], side).flatten(1)  # (B, P)
+            image_mask = valid_cells(sizes, pixels.shape[-1], side, self.vision.grid_size).flatten(1)  # (B, P)
         inputs = self.lmm.build_inputs(
             batch["input_ids"],
             batch["attention_mask"],

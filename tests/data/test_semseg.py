@@ -203,6 +203,11 @@ def test_category_names_and_bad_records(paco: Path) -> None:
     with pytest.raises(ValueError, match=r"bad.json: annotation 4: field 'category_id': 9"):
         CocoPartSegDataset(str(paco / "bad.json"), str(paco / "coco"))
     broken = _paco()
+    del broken["categories"]  # the part reader names its classes from them
+    write_json(paco / "bad.json", broken)
+    with pytest.raises(ValueError, match=r"bad.json: field 'categories': expected a list"):
+        CocoPartSegDataset(str(paco / "bad.json"), str(paco / "coco"))
+    broken = _paco()
     broken["images"][0]["width"] = 13
     write_json(paco / "bad.json", broken)
     with pytest.warns(UserWarning):

@@ -213,6 +213,16 @@ def test_valid_cells_are_the_release_nearest_resize_of_the_pixel_mask():
     grid = torch.nn.functional.interpolate(pixels, size=(32, 32), mode="nearest")
     assert torch.equal(grid[:, 0].bool(), patches)
     assert torch.equal(torch.nn.functional.interpolate(grid, size=(16, 16), mode="nearest")[:, 0].bool(), tokens)
+    assert torch.equal(valid_cells(sizes, 448, 16, patch_grid=32), tokens)
+    # at 336 px (a 24 x 24 grid) pooled to 16 x 16 the two resizes differ from one: h = 15 is a case
+    heights = torch.arange(1, 337)
+    sizes = torch.stack([heights, torch.full_like(heights, 336)], 1)
+    pixels = (torch.arange(336)[None, :, None] < heights[:, None, None]).float()[:, None].expand(-1, 1, 336, 336)
+    twice = torch.nn.functional.interpolate(
+        torch.nn.functional.interpolate(pixels, size=(24, 24), mode="nearest"), size=(16, 16), mode="nearest"
+    )[:, 0].bool()
+    assert torch.equal(valid_cells(sizes, 336, 16, patch_grid=24), twice)
+    assert not torch.equal(valid_cells(sizes, 336, 16), twice)
 
 
 def test_clip_keeps_the_padding_out_of_attention_given_the_sizes():

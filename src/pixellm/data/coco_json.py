@@ -20,8 +20,13 @@ REQUIRED_KEYS = {
 }
 
 
-def load_coco(path: str | Path) -> COCO:
+def load_coco(path: str | Path, categories: bool = False) -> COCO:
     """Index a COCO-format JSON with pycocotools, after checking the fields the readers use.
+
+    Args:
+        path: The JSON file.
+        categories: The reader needs the ``categories`` list (and every annotation's
+            ``category_id``); without it they are checked only where the file has categories.
 
     Raises:
         ValueError: On invalid JSON or a missing field, naming the file, list, index and field.
@@ -30,8 +35,9 @@ def load_coco(path: str | Path) -> COCO:
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a COCO JSON object, got {type(data).__name__}")
     required = dict(REQUIRED_KEYS)
-    if "categories" in data:  # pycocotools then indexes every annotation by its category
+    if categories or "categories" in data:  # pycocotools then indexes every annotation by its category
         required["annotations"] += ("category_id",)
+        required["categories"] = ("id", "name")
     for section, keys in required.items():
         entries = data.get(section)
         if not isinstance(entries, list):

@@ -259,7 +259,7 @@ class CocoPartSegDataset(SemanticSegDataset):
         super().__init__(dataset, max_questions, max_targets, seed, ignore_in_masks)
         self.annotation_file = Path(annotation_file)
         self.image_root, self.image_prefix = Path(image_root), image_prefix
-        self.coco = load_coco(self.annotation_file)
+        self.coco = load_coco(self.annotation_file, categories=True)
         self.names = {
             c["id"]: category_name(str(c["name"])) for c in self.coco.dataset["categories"]
         }

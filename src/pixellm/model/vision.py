@@ -76,20 +76,25 @@ class VisionEncoder(nn.Module, abc.ABC):
             )
 
 
-def valid_cells(resized_sizes: Tensor, image_size: int, cells: int) -> Tensor:
+def valid_cells(resized_sizes: Tensor, image_size: int, cells: int, patch_grid: int | None = None) -> Tensor:
     """(B, cells, cells) bool: the cells of a ``cells`` x ``cells`` grid over the (B, 3, S, S) input that
     lie on the image rather than on its bottom/right padding.
 
-    Cell (i, j) is valid when its nearest input pixel, (floor(i S / cells), floor(j S / cells)), is:
-    the release's pixel mask resized by nearest-neighbour interpolation to the patch grid (and again
-    to the LLM's 16 x 16 tokens).
+    As the release: the pixel mask resized by nearest-neighbour interpolation to the patch grid, and
+    from there (``patch_grid``) again to the LLM's tokens. Cell i of n cells over m takes source
+    floor(i m / n); a cell is valid when the pixel it ends up at is.
 
     Args:
         resized_sizes: (B, 2) each image's (height, width) before padding.
         image_size: S.
         cells: the grid side.
+        patch_grid: the patch grid the cells are resized from; None: straight from the pixels.
     """
-    first_pixel = torch.arange(cells, device=resized_sizes.device) * image_size // cells  # (cells,)
+    index = torch.arange(cells, device=resized_sizes.device)  # (cells,)
+    if patch_grid is None:
+        first_pixel = index * image_size // cells
+    else:
+        first_pixel = (index * patch_grid // cells) * image_size // patch_grid
     rows = first_pixel[None] < resized_sizes[:, :1]  # (B, cells)
     columns = first_pixel[None] < resized_sizes[:, 1:]  # (B, cells)
     return rows[:, :, None] & columns[:, None, :]
