@@ -126,3 +126,26 @@ def test_the_padding_of_a_non_square_image_is_left_out_of_attention(task_and_bat
         assert (forward(short)[0][attended] - forward(other)[0][attended]).abs().max() > 1e-3
     finally:
         task.mask_image_padding = True
+
+
+def test_repeats_that_even_out_the_processes_are_not_scored(task_and_batch, monkeypatch):
+    from types import SimpleNamespace
+
+    from pixellm.data.eval_sharding import REPEAT_KEY
+
+    task, data, batch = task_and_batch
+    monkeypatch.setattr(task, "_trainer", SimpleNamespace(datamodule=data))
+    monkeypatch.setattr(task, "log", lambda *args, **kwargs: None)
+    last = max(i for i, m in enumerate(batch["masks"]) if m.shape[0] > 0)  # a question with targets
+    metas = [dict(m) for m in batch["meta"]]
+    metas[last][REPEAT_KEY] = True
+    repeated = dict(batch, meta=metas)
+    task.eval()
+    counts = []
+    for b in (batch, repeated):
+        task._start_evaluation("val")
+        with torch.no_grad():
+            outputs = task.validation_step(b, 0)
+        counts.append(float(task.split_iou["val"].count[0]))
+        assert [o["repeat"] for o in outputs] == [REPEAT_KEY in m for m in b["meta"]]
+    assert counts[1] == counts[0] - batch["masks"][last].shape[0] > 0  # the repeat's pairs left out

@@ -128,6 +128,8 @@ class EvaluationReport(Callback):
         if is_empty_batch(batch):  # every sample skipped: nothing was evaluated (the skip is counted elsewhere)
             return
         for item, truth in zip(outputs, batch["masks"], strict=True):
+            if item["repeat"]:  # evens out the processes, scored on the one that owns it
+                continue
             split, pairs = item["split"], item["pairs"]
             rewritten = verdict = None
             if split.mode == "generate":

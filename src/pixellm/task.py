@@ -19,6 +19,7 @@ from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
+from pixellm.data.eval_sharding import is_repeat
 from pixellm.data.splits import EvalSplit
 from pixellm.evaluation.matching import MatchCost, concatenate, match_batch, text_order_pairs
 from pixellm.evaluation.muse_protocol import pair_scores
@@ -223,7 +224,8 @@ class PixelLMTask(LightningModule):
 
         Returns:
             Per question: ``split``, ``question``, ``answer``, ``pairs`` (``MatchedPairs``),
-            ``masks`` (P, H, W) bool predictions and ``meta``, for the evaluation callbacks.
+            ``masks`` (P, H, W) bool predictions, ``meta`` and ``repeat`` (a repeat that only evens
+            out the processes, ``pixellm.data.eval_sharding``: not scored), for the evaluation callbacks.
         """
         if is_empty_batch(batch):
             return []
@@ -240,9 +242,11 @@ class PixelLMTask(LightningModule):
             generation = self.generate_answers(batch)
             logits, answers = generation.logits, generation.answers
             pairs = match_batch(logits, truth, self.match_cost)
-        self.split_iou[split.name].update(*concatenate(pairs), torch.cat([pair_scores(p, None) for p in pairs]))
+        scored = [p for p, m in zip(pairs, batch["meta"], strict=True) if not is_repeat(m)]  # repeats even out processes
+        if scored:
+            self.split_iou[split.name].update(*concatenate(scored), torch.cat([pair_scores(p, None) for p in scored]))
         return [
-            {"split": split, "question": q, "answer": a, "pairs": p, "masks": x > 0, "meta": m}
+            {"split": split, "question": q, "answer": a, "pairs": p, "masks": x > 0, "meta": m, "repeat": is_repeat(m)}
             for q, a, p, x, m in zip(batch["questions"], answers, pairs, logits, batch["meta"], strict=True)
         ]
 

@@ -119,19 +119,25 @@ def test_muse_module_options_reach_the_loaders(tmp_path: Path) -> None:
         MuseDataModule(shapes.train_json, shapes.val_json, shapes.image_root, tokenizer="shapes", template="vicuna")
 
 
-@pytest.mark.parametrize("world_size", [1, 2, 4])
-def test_evaluation_shards_every_question_once_across_processes(tmp_path: Path, world_size: int) -> None:
-    """Under DDP each process takes every world-size-th question, none twice, none dropped (Lightning's
-    default sampler would repeat questions to even out the processes)."""
+@pytest.mark.parametrize("world_size", [1, 2, 4, 12])
+def test_evaluation_shards_every_question_once_and_evens_out_the_processes(tmp_path: Path, world_size: int) -> None:
+    """Under DDP/FSDP each process takes every world-size-th question and all run the same number of
+    batches (FSDP gathers weights in every forward); the repeats that even them out are marked, so
+    nothing is scored twice."""
     from types import SimpleNamespace
+
+    from pixellm.data.eval_sharding import is_repeat
 
     dm = _module(tmp_path, val_batch_size=2)
     every = [(m["record_index"], m["question_index"]) for b in dm.val_dataloader() for m in b["meta"]]
-    assert len(every) == 9  # 4 images, divisible by neither 2 nor 4
-    seen = []
+    assert len(every) == 9  # 4 images, divisible by none of 2, 4, 12
+    scored, batches = [], set()
     for rank in range(world_size):
         dm.trainer = SimpleNamespace(world_size=world_size, global_rank=rank)
-        questions = [(m["record_index"], m["question_index"]) for b in dm.val_dataloader() for m in b["meta"]]
-        assert questions == every[rank::world_size]
-        seen += questions
-    assert sorted(seen) == sorted(every)
+        metas = [b["meta"] for b in dm.val_dataloader()]
+        batches.add(len(metas))
+        questions = [((m["record_index"], m["question_index"]), is_repeat(m)) for ms in metas for m in ms]
+        assert len(questions) == -(-9 // world_size)  # the same share everywhere
+        assert [q for q, repeat in questions if not repeat] == every[rank::world_size]
+        scored += [q for q, repeat in questions if not repeat]
+    assert len(batches) == 1 and sorted(scored) == sorted(every)

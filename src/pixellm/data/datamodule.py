@@ -9,10 +9,10 @@ from typing import Any
 
 import torch
 from lightning import LightningDataModule
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from pixellm.data.collate import CollateMode, MuseCollator
+from pixellm.data.eval_sharding import MarkedRepeatSampler, MarkRepeats
 from pixellm.data.muse import ImageRoot, MuseDataset
 from pixellm.data.preprocess import DEFAULT_PIXEL_MEAN, DEFAULT_PIXEL_STD
 from pixellm.data.shapes import ensure_shapes_dataset, shapes_dataset_dir
@@ -129,17 +129,16 @@ class SampleDataModule(LightningDataModule):
         )
 
     def eval_loader(self, dataset: Dataset | None, mode: CollateMode) -> DataLoader:
-        """Evaluation batches of ``val_batch_size`` in dataset order, every sample once.
+        """Evaluation batches of ``val_batch_size`` in dataset order, every sample scored once.
 
-        With several processes, each takes every world-size-th sample and none is repeated:
-        Lightning's own ``DistributedSampler`` would pad the last processes with repeats, which the
-        metrics and the results JSON would then count twice.
+        With several processes, each takes every world-size-th sample, and all run the same number
+        of batches (collectives in every forward, e.g. FSDP's, need that): the last ones are evened
+        out with repeats that are marked and not scored (``pixellm.data.eval_sharding``).
         """
         sampler = None
         if dataset is not None and self.trainer is not None and self.trainer.world_size > 1:
-            sampler = UnrepeatedDistributedSampler(
-                dataset, num_replicas=self.trainer.world_size, rank=self.trainer.global_rank, shuffle=False
-            )
+            sampler = MarkedRepeatSampler(len(dataset), self.trainer.world_size, self.trainer.global_rank)
+            dataset = MarkRepeats(dataset)
         return self.loader(dataset, self.val_batch_size, mode, sampler=sampler, drop_last=False)
 
 
