@@ -184,7 +184,7 @@ def test_ckpt_path_last_finds_the_newest_run_whatever_its_version_folder(tmp_pat
         "--trainer.logger=lightning.pytorch.loggers.CSVLogger", f"--trainer.logger.save_dir={tmp_path}",
         "--trainer.logger.name=", f"--trainer.default_root_dir={tmp_path}",
     ]
-    with pytest.raises(FileNotFoundError, match=rf"--ckpt_path last: no last\*\.ckpt of an earlier run under {tmp_path}"):
+    with pytest.raises(FileNotFoundError, match=rf"--ckpt_path last: no checkpoint of an earlier run matches {tmp_path}/\*\*/checkpoints/last\*\.ckpt"):
         main(["validate", *run, "--ckpt_path", "last"])
     trained = main(["fit", *run, "--trainer.max_steps=2", "--trainer.val_check_interval=2"]).model
     assert (tmp_path / "version_0" / "checkpoints" / "last.ckpt").is_file()
@@ -194,3 +194,22 @@ def test_ckpt_path_last_finds_the_newest_run_whatever_its_version_folder(tmp_pat
     assert validated.trainer.ckpt_path == str(tmp_path / "version_1" / "checkpoints" / "last.ckpt")
     assert not torch.equal(validated.model.decoder.iou_token.weight, trained.decoder.iou_token.weight)
     assert torch.equal(validated.model.decoder.iou_token.weight, resumed.model.decoder.iou_token.weight)
+
+
+def test_last_checkpoint_places_follow_lightnings_defaults(tmp_path: Path) -> None:
+    import time
+
+    from jsonargparse import Namespace
+
+    from pixellm.reliability.checkpoint_io import find_last_checkpoint
+
+    config = Namespace({"trainer.default_root_dir": str(tmp_path), "trainer.logger": None, "trainer.callbacks": None})
+    assert find_last_checkpoint(config) is None
+    for version in (0, 1):  # the default logger's folders; the newest file wins
+        folder = tmp_path / "lightning_logs" / f"version_{version}" / "checkpoints"
+        folder.mkdir(parents=True)
+        (folder / "last.ckpt").write_bytes(b"x")
+        time.sleep(0.01)
+    (tmp_path / "elsewhere" / "checkpoints").mkdir(parents=True)  # not a place a run of this config writes
+    (tmp_path / "elsewhere" / "checkpoints" / "last.ckpt").write_bytes(b"x")
+    assert find_last_checkpoint(config) == tmp_path / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt"

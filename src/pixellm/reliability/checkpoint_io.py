@@ -122,29 +122,28 @@ def _init_arg(component: Any, name: str) -> Any:
     return getattr(getattr(component, "init_args", None), name, None)
 
 
-def last_checkpoint_roots(config: Any) -> tuple[list[Path], bool]:
-    """Where runs of ``config`` (one sub-command's parsed section) keep ``last.ckpt``, and whether
-    those are ``ModelCheckpoint`` ``dirpath``s (else roots whose version folders hold ``checkpoints/``:
-    the loggers' ``save_dir``, else ``trainer.default_root_dir``)."""
+def last_checkpoint_places(config: Any) -> list[tuple[Path, str]]:
+    """Where runs of ``config`` (one sub-command's parsed section) keep ``last.ckpt``, as (folder, glob
+    pattern): the ``ModelCheckpoint`` ``dirpath``s; else the ``checkpoints/`` of every version folder
+    under the loggers' ``save_dir``; else Lightning's defaults under ``trainer.default_root_dir``
+    (``lightning_logs/version_N/checkpoints``, or ``checkpoints`` without a logger)."""
     callbacks = config.get("trainer.callbacks") or []
     dirpaths = [Path(d) for d in (_init_arg(c, "dirpath") for c in callbacks) if d]
     if dirpaths:
-        return dirpaths, True
+        return [(d, "last*.ckpt") for d in dirpaths]
     loggers = config.get("trainer.logger")
     loggers = loggers if isinstance(loggers, list) else [loggers]
-    roots = [Path(d) for d in (_init_arg(lg, "save_dir") for lg in loggers) if d]
-    return roots or [Path(config.get("trainer.default_root_dir") or ".")], False
+    save_dirs = [Path(d) for d in (_init_arg(lg, "save_dir") for lg in loggers) if d]
+    if save_dirs:
+        return [(d, "**/checkpoints/last*.ckpt") for d in save_dirs]
+    root = Path(config.get("trainer.default_root_dir") or ".")
+    return [(root / "lightning_logs", "**/checkpoints/last*.ckpt"), (root / "checkpoints", "last*.ckpt")]
 
 
 def find_last_checkpoint(config: Any) -> Path | None:
     """The newest ``last*.ckpt`` of earlier runs of ``config``, whichever version folder its logger
     numbered (Lightning's own ``"last"`` looks only in the new run's, empty, folder)."""
-    roots, are_dirpaths = last_checkpoint_roots(config)
-    found = [
-        path
-        for root in roots
-        for path in (root.glob("last*.ckpt") if are_dirpaths else root.rglob("checkpoints/last*.ckpt"))
-    ]
+    found = [path for folder, pattern in last_checkpoint_places(config) for path in folder.glob(pattern)]
     return max(found, key=lambda path: path.stat().st_mtime, default=None)
 
 
@@ -162,8 +161,8 @@ class CheckpointCheckingCLI(LightningCLI):
         if path == "last":
             found = find_last_checkpoint(self.config[subcommand])
             if found is None and subcommand != "fit":
-                roots = ", ".join(str(r) for r in last_checkpoint_roots(self.config[subcommand])[0])
-                raise FileNotFoundError(f"--ckpt_path last: no last*.ckpt of an earlier run under {roots}")
+                places = ", ".join(str(f / p) for f, p in last_checkpoint_places(self.config[subcommand]))
+                raise FileNotFoundError(f"--ckpt_path last: no checkpoint of an earlier run matches {places}")
             if found is not None:
                 path = self.config[subcommand]["ckpt_path"] = str(found)
                 print(f"--ckpt_path last: {found}", file=sys.stderr)
