@@ -137,6 +137,7 @@ def synthetic_batch(task: PixelLMTask, batch_size: int, text_tokens: int, answer
                   for _ in range(batch_size)],
         "resized_sizes": sizes,
         "original_sizes": sizes.clone(),
+        "padded": False,  # square images, as the collator would flag them
         "meta": [{"index": b} for b in range(batch_size)],
     }
 

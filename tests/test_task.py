@@ -104,6 +104,8 @@ def test_the_padding_of_a_non_square_image_is_left_out_of_attention(task_and_bat
     short = dict(batch)
     short["resized_sizes"] = batch["resized_sizes"].clone()
     short["resized_sizes"][0, 0] = 12  # image 0: 12 of 32 rows are the image, the rest padding
+    assert batch["padded"] is False  # the collator's flag: the shapes images are square
+    short["padded"] = True
     other = dict(short)
     other["pixel_values"] = short["pixel_values"].clone()
     other["pixel_values"][0, :, 16:] = 2.0  # different padding content (rows >= 16: no image row's patch)

@@ -132,9 +132,11 @@ class PixelLMTask(LightningModule):
     # ------------------------------------------------------------------ shared forward pieces
     def encode(self, batch: dict, with_labels: bool) -> tuple[list[Tensor], MultimodalInputs]:
         """Vision features of every scale and the spliced LLM inputs (with ``mask_image_padding``, the
-        image's padding is kept out of the vision encoder's and the LLM's attention)."""
+        padding of a batch that has some, ``batch["padded"]``, is kept out of the vision encoder's and
+        the LLM's attention)."""
         pixels = batch["pixel_values"]  # (B, 3, S, S)
-        sizes = batch["resized_sizes"].to(pixels.device) if self.mask_image_padding else None  # (B, 2) or None
+        padded = self.mask_image_padding and batch.get("padded", True)
+        sizes = batch["resized_sizes"].to(pixels.device) if padded else None  # (B, 2) or None
         features = self.vision(pixels, sizes)  # L x (B, C, h, w)
         image_embeds = self.lmm.embed_image(features[0])  # (B, P, H)
         image_mask = None

@@ -71,6 +71,8 @@ def test_train_batch_is_right_padded(tokenizer: PreTrainedTokenizerBase) -> None
     )
     assert batch["resized_sizes"].tolist() == [[32, 64], [64, 64], [64, 64]]
     assert batch["original_sizes"].tolist() == [[30, 60], [64, 64], [64, 64]]
+    assert batch["padded"] is True  # the first image's bottom half
+    assert MuseCollator(tokenizer, CODEBOOK, "plain", 64)(_samples()[1:])["padded"] is False
     assert [m.shape for m in batch["masks"]] == [(1, 30, 60), (2, 64, 64), (0, 64, 64)]
     assert batch["masks"][0].dtype == torch.float32 and batch["masks"][0].sum() == 100
     assert batch["answers"][0] == "the small red square [SEG0] [SEG1] [SEG2] [SEG3] [SEG4] [SEG5]."

@@ -18,6 +18,7 @@ KEYS = {
     "masks",
     "resized_sizes",
     "original_sizes",
+    "padded",
     "questions",
     "answers",
     "meta",

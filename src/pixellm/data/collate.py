@@ -10,7 +10,9 @@ Batch keys (B samples, T tokens, S image side):
 - ``masks``: list of B float32 tensors (K_b, H_b, W_b) in {0, 1} (255: ignored pixel), original
   size, text order; K_b = 0 for a question without targets (VQA). A target whose codebook tokens
   were cut by ``max_length`` truncation loses its mask too (counted, see ``TruncationReport``).
-- ``resized_sizes`` long (B, 2) (h, w) before padding; ``original_sizes`` long (B, 2) (H, W).
+- ``resized_sizes`` long (B, 2) (h, w) before padding; ``original_sizes`` long (B, 2) (H, W);
+  ``padded`` bool: whether any image has padding (a host-side flag: the model learns it without
+  reading ``resized_sizes`` back from the GPU).
 - ``questions``, ``answers`` (answers with codebook tokens) list[str]; ``meta`` list[dict].
 """
 
@@ -154,6 +156,7 @@ class MuseCollator:
             "masks": [s.masks[:k].float() for s, k in zip(samples, kept, strict=True)],  # B x (K_b, H_b, W_b)
             "resized_sizes": torch.tensor(resized, dtype=torch.long),  # (B, 2)
             "original_sizes": torch.tensor(original, dtype=torch.long),  # (B, 2)
+            "padded": any(min(hw) < self.transform.image_size for hw in resized),
             "questions": [s.question for s in samples],
             "answers": [e.answer for e in encoded],
             "meta": [s.meta for s in samples],

@@ -247,13 +247,12 @@ class CLIPVisionEncoder(VisionEncoder):
         """
         self._check_input(pixel_values)
         mask = {}
-        if resized_sizes is not None:
+        if resized_sizes is not None:  # no check of the sizes here: it would wait for the GPU
             keys = valid_cells(resized_sizes, self.image_size, self.grid_size).flatten(1)  # (B, h*w)
-            if not bool(keys.all()):
-                keys = F.pad(keys, (1, 0), value=True)  # (B, 1 + h*w), the class token first
-                blocked = torch.zeros(keys.shape, dtype=self.model.dtype, device=keys.device)
-                blocked = blocked.masked_fill(~keys, torch.finfo(self.model.dtype).min)
-                mask["attention_mask"] = blocked[:, None, None, :]  # (B, 1, 1, 1 + h*w), additive
+            keys = F.pad(keys, (1, 0), value=True)  # (B, 1 + h*w), the class token first
+            blocked = torch.zeros(keys.shape, dtype=self.model.dtype, device=keys.device)
+            blocked = blocked.masked_fill(~keys, torch.finfo(self.model.dtype).min)
+            mask["attention_mask"] = blocked[:, None, None, :]  # (B, 1, 1, 1 + h*w), additive
         with self._grad_context():
             hidden = self.model(pixel_values=pixel_values, output_hidden_states=True, **mask).hidden_states
             maps = []
