@@ -79,8 +79,9 @@ def drop_malformed_groups(ids: Tensor, token_ids: Tensor, filler: int) -> tuple[
     is_code = torch.isin(ids, token_ids)  # (B, S)
     keep = torch.zeros_like(is_code)
     for row, columns in enumerate(is_code.nonzero().split(is_code.sum(1).tolist())):
-        columns = columns[:, 1].tolist()  # the sequence's codebook positions, in order
-        slots = [order[int(ids[row, col])] for col in columns]
+        columns = columns[:, 1]  # (n,) the sequence's codebook positions, in order
+        slots = [order[token] for token in ids[row, columns].tolist()]
+        columns = columns.tolist()
         for group in whole_groups(slots, len(order)):
             keep[row, [columns[i] for i in group]] = True
     dropped = is_code & ~keep
