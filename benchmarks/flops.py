@@ -6,7 +6,8 @@ through the project's own classes, and one sample is pushed through it under
 
 - PixelLM (Sec. 3.1, 5.1; REFERENCE.md): CLIP ViT-L/14 at 448 px (32x32 patches, layers -2 and -11), p_V->T on
   16x16 = 256 pooled image tokens, the LLaVA-7B / Llama-2-13B LLM, the codebook (L=2, N=3, learned fusion),
-  p_V->D on both scales and the cascaded pixel decoder (release sizes).
+  p_V->D on both scales (at inference its Linear(2H, H) and Conv1x1 as one product, formed by the first
+  sample of an evaluation and kept: printed apart, not per sample) and the cascaded pixel decoder (release sizes).
 - LISA: the same LLM, CLIP ViT-L/14 at 224 px (16x16 = 256 image tokens), the SAM ViT-H/16 image encoder at
   1024 px (timm ``samvit_huge_patch16``), LISA's text_hidden_fcs on the [SEG] state, and a SAM mask decoder
   (our ``TwoWayTransformer`` at 64x64 + SAM's 4x output upscaling, 4 hypernetworks, IoU head).
@@ -49,6 +50,7 @@ CLIP_L14 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, 
                 patch_size=14, image_size=336)
 PAPER_TFLOPS = {("PixelLM", "7B"): 3.57, ("LISA", "7B"): 7.16, ("PixelLM", "13B"): 6.65, ("LISA", "13B"): 10.24}
 SAM_DIM = 256
+CLIP_MAPS = [torch.zeros(1, 1024, 32, 32, device="meta")] * 2  # PixelLM's L = 2 CLIP maps of one 448 px image
 
 
 def meta(*shape: int) -> Tensor:
@@ -140,10 +142,24 @@ def pixellm(size: str, text_tokens: int, answer_tokens: int, targets: int) -> di
         lmm = build_llm(size, vision_channels=1024, image_pool_size=16)
         hidden = lmm.hidden_size
         codebook = SegmentationCodebook(hidden_size=hidden, decoder_dim=SAM_DIM, num_scales=2, tokens_per_scale=3)
-        projection = VisionDecoderProjection(in_channels=1024, out_channels=SAM_DIM, mlp_dim=2 * hidden,
-                                             embed_dim=hidden)
+        projection = build_projection(hidden)
         decoder = CascadedPixelDecoder(num_scales=2, dim=SAM_DIM)
+    projection(CLIP_MAPS)  # an earlier sample of the evaluation formed its product (product_flops)
     return pixellm_parts(vision, lmm, codebook, projection, decoder, text_tokens, answer_tokens, targets)
+
+
+def build_projection(hidden: int) -> VisionDecoderProjection:
+    """PixelLM's p_V->D at LLM width H, in eval mode (inference, as Table 1)."""
+    return VisionDecoderProjection(in_channels=1024, out_channels=SAM_DIM, mlp_dim=2 * hidden, embed_dim=hidden).eval()
+
+
+def product_flops(size: str) -> int:
+    """FLOPs of forming p_V->D's (D, M) product, which the first sample of an evaluation does for all the others."""
+    with torch.device("meta"):
+        projection = build_projection(LLMS[size]["hidden_size"])
+    first, _ = count(lambda: projection(CLIP_MAPS))
+    later, _ = count(lambda: projection(CLIP_MAPS))
+    return first - later
 
 
 class SamMaskDecoder(nn.Module):
@@ -230,7 +246,7 @@ def paper_convention(totals: dict, llm: dict, answer_tokens: int) -> None:
         print(row)
 
 
-@torch.no_grad()  # inference, as Table 1: p_V->D takes its product form (pixellm.model.projection)
+@torch.no_grad()  # inference, as Table 1: p_V->D takes its product form, kept across samples (pixellm.model.projection)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt-tokens", type=int, default=64, help="text tokens of the prompt, image excluded")
@@ -252,6 +268,8 @@ def main() -> None:
                   f"(paper Table 1: {PAPER_TFLOPS[name, size]})")
             for part, flops in parts.items():
                 print(f"  {part:<26}{flops / 1e12:>9.3f} TFLOPs {100 * flops / total:>6.1f} %")
+    print("\nonce per evaluation, not per sample: forming p_V->D's product "
+          + ", ".join(f"{size} {product_flops(size) / 1e9:.1f} GFLOPs" for size in LLMS))
     print("\nPixelLM / LISA (paper: 0.50 at 7B, 0.65 at 13B):")
     for size in LLMS:
         print(f"  {size}: {totals['PixelLM', size] / totals['LISA', size]:.4f}")

@@ -58,3 +58,59 @@ def test_projection_equals_the_layers_applied_in_turn(mlp_dim, embed_dim, out_ch
         pointwise = tokens * (mlp_dim * embed_dim + embed_dim * out_channels)
     macs = tokens * 5 * mlp_dim + pointwise + tokens * out_channels * out_channels * 9
     assert counter.get_total_flops() == 2 * macs
+
+
+def release_sized(seed: int = 0) -> VisionDecoderProjection:
+    """E >> D as in the release, so that the product is used without gradients."""
+    torch.manual_seed(seed)
+    return VisionDecoderProjection(in_channels=5, out_channels=4, mlp_dim=64, embed_dim=48).double()
+
+
+def test_eval_mode_forms_the_product_once_per_evaluation():
+    proj, maps = release_sized().eval(), [torch.randn(2, 5, 4, 4, dtype=torch.float64)]
+    per_call = 32 * (5 * 64 + 64 * 4 + 4 * 4 * 9)  # 32 tokens: first layer, product, 3x3 conv (MACs)
+    with torch.no_grad():
+        flops = []
+        for _ in range(3):
+            with FlopCounterMode(display=False) as counter:
+                out = proj(maps)[0]
+            flops.append(counter.get_total_flops())
+    assert flops == [2 * (per_call + 4 * 48 * 64), 2 * per_call, 2 * per_call]  # D E M only the first time
+    assert torch.allclose(out, layer_by_layer(proj, maps[0]), rtol=1e-10, atol=1e-10)
+
+
+def test_the_kept_product_follows_new_weights():
+    proj, maps = release_sized().eval(), [torch.randn(1, 5, 4, 4, dtype=torch.float64)]
+    with torch.no_grad():
+        before = proj(maps)[0]
+        proj.load_state_dict(release_sized(seed=1).state_dict())  # copied in place: a new version of each weight
+        loaded = proj(maps)[0]
+        proj.mlp[2].weight.data.mul_(2)  # invisible to autograd's version counter ...
+        proj.train().eval()  # ... so seen after the mode is set, as Lightning does around every evaluation
+        doubled = proj(maps)[0]
+    assert not torch.allclose(before, loaded)
+    assert torch.allclose(loaded, layer_by_layer(release_sized(seed=1), maps[0]), rtol=1e-10, atol=1e-10)
+    assert torch.allclose(doubled, layer_by_layer(proj, maps[0]), rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(doubled, loaded)
+
+
+def test_nothing_is_kept_in_training_mode():
+    proj, maps = release_sized().train(), [torch.randn(1, 5, 4, 4, dtype=torch.float64)]
+    with torch.no_grad():
+        proj(maps)
+        proj.mlp[2].weight.data.mul_(2)  # a fused optimizer step does not count as a new version either
+        out = proj(maps)[0]
+    assert torch.allclose(out, layer_by_layer(proj, maps[0]), rtol=1e-10, atol=1e-10)
+
+
+def test_a_product_formed_under_autocast_is_not_reused_without_it():
+    torch.manual_seed(0)
+    proj = VisionDecoderProjection(in_channels=5, out_channels=4, mlp_dim=64, embed_dim=48).eval()
+    maps = [torch.randn(1, 5, 4, 4)]
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = proj(maps)[0]
+        full = proj(maps)[0]
+    assert low.dtype == torch.bfloat16 and full.dtype == torch.float32
+    reference = layer_by_layer(proj, maps[0])
+    assert (full - reference).abs().max() < 1e-4 < (low.float() - reference).abs().max() < 0.2

@@ -6,9 +6,13 @@ neck Conv1x1(E -> D, no bias) -> LayerNorm2d -> Conv3x3(D -> D, no bias) -> Laye
 
 Linear(M, E) and Conv1x1(E -> D) are two linear maps in a row, so at inference (no gradient) they
 are applied as their product, one (D, M) matrix, whenever that needs fewer multiply-adds: at the
-release's sizes (M = 8192, E = 4096, D = 256 for 7B) that cuts the projection's FLOPs by 2/3. The
-parameters are those of the release, so its weights load unchanged; the output is the same up to
-rounding. Training keeps the layer-by-layer order. Its gradients are the same up to rounding, but the
+release's sizes (M = 8192, E = 4096, D = 256 for 7B) that cuts the projection's FLOPs by 2/3. In eval
+mode the product is formed once and kept until the module's mode is next set (``train()`` or
+``eval()``, which Lightning calls around every evaluation) or its weights are replaced or changed
+through autograd-visible ops (``load_state_dict`` included); weights changed in place in eval mode
+without either (a fused optimizer step, ``.data`` writes) need a ``train()``/``eval()`` call to be
+seen. The parameters are those of the release, so its weights load unchanged; the output is the same
+up to rounding. Training keeps the layer-by-layer order. Its gradients are the same up to rounding, but the
 default config's quick start trained through the product ended at val gIoU 58.9 and 56.0 (seeds 0, 1)
 against 61.7-64.1 for three layer-by-layer runs; rounding alone moves that run by several points, so
 this is not conclusive, and we keep the release's order where it cannot cost a result.
@@ -44,6 +48,11 @@ class VisionDecoderProjection(nn.Module):
         )
         self.in_channels = in_channels
         self.out_channels = out_channels
+        self._product: tuple[tuple, Tensor, Tensor] | None = None  # (what it was formed from, (D, M), (D,)); eval mode
+
+    def train(self, mode: bool = True) -> VisionDecoderProjection:
+        self._product = None  # the weights may have changed since it was formed (module docstring)
+        return super().train(mode)
 
     def forward(self, features: list[Tensor]) -> list[Tensor]:
         """L tensors (B, C, h_l, w_l) -> L tensors (B, D, h_l, w_l)."""
@@ -55,15 +64,24 @@ class VisionDecoderProjection(nn.Module):
     def _contract(self, hidden: list[Tensor]) -> list[Tensor]:
         """Linear(M, E) then Conv1x1(E -> D) on every token of every map: L x (B, h, w, M) -> L x (B, h, w, D).
 
-        Without a gradient to compute, applied as their product when D E M + T M D < T (M E + E D)
-        multiply-adds, T the tokens of all maps (the product is formed once per call, hence one call for
-        all scales); else one after the other (module docstring).
+        Without a gradient to compute, applied as their product when that needs fewer multiply-adds,
+        D E M (forming it, unless kept from an earlier call in eval mode) + T M D < T (M E + E D), T the
+        tokens of all maps (hence one call for all scales); else one after the other (module docstring).
         """
         linear, pointwise = self.mlp[2], self.neck[0].weight.flatten(1)  # Linear(M, E); (D, E)
+        if torch.is_grad_enabled():
+            return [F.linear(linear(x), pointwise) for x in hidden]
         (dim, embed), mlp = pointwise.shape, linear.in_features
         tokens = sum(x[..., 0].numel() for x in hidden)
-        cheaper = dim * embed * mlp + tokens * mlp * dim < tokens * (mlp * embed + embed * dim)
-        if cheaper and not torch.is_grad_enabled():
-            weight, bias = pointwise @ linear.weight, pointwise @ linear.bias  # (D, M), (D,)
-            return [F.linear(x, weight, bias) for x in hidden]
-        return [F.linear(linear(x), pointwise) for x in hidden]
+        weights = (linear.weight, linear.bias, pointwise)
+        identity = (hidden[0].dtype, *((t.data_ptr(), t._version, t.device, t.dtype) for t in weights))  # autocast: dtype
+        kept = self._product is not None and self._product[0] == identity
+        forming = 0 if kept else dim * embed * mlp
+        if forming + tokens * mlp * dim >= tokens * (mlp * embed + embed * dim):
+            return [F.linear(linear(x), pointwise) for x in hidden]
+        if not kept:
+            product = (identity, pointwise @ linear.weight, pointwise @ linear.bias)  # (D, M), (D,)
+            if self.training:
+                return [F.linear(x, *product[1:]) for x in hidden]
+            self._product = product
+        return [F.linear(x, *self._product[1:]) for x in hidden]
