@@ -204,3 +204,12 @@ def test_parts_are_merged_like_pycocotools(tmp_path: Path) -> None:
     assert torch.equal(dataset[1].masks[0], torch.from_numpy(left | corner))
     assert torch.equal(dataset[2].masks[0], torch.from_numpy(expected_polygons))
     assert expected_polygons[:2, :2].all() and expected_polygons[3:, 5:].any()  # both polygons drawn
+
+
+@pytest.mark.parametrize("bbox", [[0, 0, None, 6], [0, 0, "wide", 6], [0, 0, float("nan"), 6], [True, 0, 3, 6]])
+def test_a_malformed_bbox_gives_the_mask_extent(tmp_path: Path, bbox: list) -> None:
+    record = _record()
+    record["answers"][0][1]["bbox"] = bbox  # the box, listed second
+    with pytest.warns(UserWarning):
+        dataset = MuseDataset(_write(tmp_path, [record]), tmp_path / "images")
+    assert dataset[0].meta["targets"][1] == {"description": "the red box", "bbox": [0.0, 0.0, 3.0, 6.0]}

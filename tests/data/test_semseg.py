@@ -218,6 +218,31 @@ def test_category_names_and_bad_records(paco: Path) -> None:
         data[0]
 
 
+@pytest.mark.parametrize("size", ["10", 10.0, 0, True])
+def test_image_sizes_that_are_not_positive_integers_are_refused(paco: Path, size) -> None:
+    broken = _paco()
+    broken["images"][0]["height"] = size
+    write_json(paco / "bad.json", broken)
+    with pytest.raises(ValueError, match=r"bad.json: images\[0\]: field 'height': expected a positive integer"):
+        CocoPartSegDataset(str(paco / "bad.json"), str(paco / "coco"))
+
+
+def test_an_image_without_classes_does_not_copy_the_next_images_items(ade: Path) -> None:
+    write_image(ade / "images" / "training" / "ADE_0.jpg", H, W)  # sorted first, all "other"
+    Image.fromarray(np.zeros((H, W), np.uint8), mode="L").save(ade / "annotations" / "training" / "ADE_0.png")
+    data = _ade(ade, max_targets=1)
+    with pytest.warns(UserWarning, match="no labelled class; the next image is used"):
+        substitutes = [data[i] for i in range(3)]
+    own = [data[i] for i in range(3, 6)]
+    assert all(s.meta["file_name"] == o.meta["file_name"] for s, o in zip(substitutes, own, strict=True))
+
+    def key(sample):
+        return sample.question, sample.answer, sample.masks.sum().item()
+
+    assert [key(s) for s in substitutes] != [key(o) for o in own]
+    assert len({key(s) for s in substitutes}) == 3  # still one class per slot, the 3 classes dealt anew
+
+
 def test_rgb_label_maps_are_refused(ade: Path) -> None:
     Image.new("RGB", (W, H)).save(ade / "annotations" / "training" / "ADE_1.png")
     with pytest.raises(ValueError, match="ADE_1.png: expected a single-channel label map"):

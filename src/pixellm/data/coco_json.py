@@ -18,6 +18,7 @@ REQUIRED_KEYS = {
     "images": ("id", "file_name", "height", "width"),
     "annotations": ("id", "image_id", "segmentation"),
 }
+SIZE_KEYS = ("height", "width")  # of every image: positive integers
 
 
 def load_coco(path: str | Path, categories: bool = False) -> COCO:
@@ -29,7 +30,8 @@ def load_coco(path: str | Path, categories: bool = False) -> COCO:
             ``category_id``); without it they are checked only where the file has categories.
 
     Raises:
-        ValueError: On invalid JSON or a missing field, naming the file, list, index and field.
+        ValueError: On invalid JSON, a missing field or an image size that is not a positive integer,
+            naming the file, list, index and field.
     """
     data = read_json(path)
     if not isinstance(data, dict):
@@ -46,6 +48,10 @@ def load_coco(path: str | Path, categories: bool = False) -> COCO:
             missing = [k for k in keys if not isinstance(entry, dict) or k not in entry]
             if missing:
                 raise ValueError(f"{path}: {section}[{index}]: field {missing[0]!r}: missing")
+            for key in SIZE_KEYS if section == "images" else ():
+                size = entry[key]
+                if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+                    raise ValueError(f"{path}: images[{index}]: field {key!r}: expected a positive integer, got {size!r}")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress

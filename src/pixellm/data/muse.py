@@ -13,6 +13,7 @@ counts them.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -53,14 +54,24 @@ def fallback_answer(annotations: list[dict[str, Any]]) -> str:
     return _join_names(names)
 
 
+def _is_box(value: Any) -> bool:
+    """Whether ``value`` is a list of four finite numbers (not booleans)."""
+    return (
+        isinstance(value, (list, tuple))
+        and len(value) == 4
+        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+    )
+
+
 def target_description(annotation: dict[str, Any], mask: np.ndarray) -> dict[str, Any]:
     """``{"description", "bbox"}`` of one target: its name and [x0, y0, x1, y1] box.
 
-    The box is the annotation's ``bbox`` (COCO xywh) when present, else the mask's extent.
+    The box is the annotation's ``bbox`` (COCO xywh) when it is four finite numbers, else the mask's extent.
     """
     name = str(annotation.get("rephrased_name") or annotation.get("category_name") or "object")
-    if isinstance(annotation.get("bbox"), (list, tuple)) and len(annotation["bbox"]) == 4:
-        x, y, w, h = (float(v) for v in annotation["bbox"])
+    bbox = annotation.get("bbox")
+    if _is_box(bbox):
+        x, y, w, h = (float(v) for v in bbox)
         box = [x, y, x + w, y + h]
     else:
         ys, xs = np.nonzero(mask)

@@ -106,8 +106,8 @@ class SemanticSegDataset(Dataset[Sample], ABC):
 
     def draw(self, index: int, epoch: int) -> Sample:
         """Item ``index`` with the deal and templates of ``epoch`` (``EpochConcatDataset``)."""
-        position, slot = divmod(index, self.max_questions)
-        found, tried = self.candidates(position), 1
+        requested, slot = divmod(index, self.max_questions)
+        position, found, tried = requested, self.candidates(requested), 1
         while not found.names and tried < self.num_images():  # as released: take another image
             warnings.warn(
                 f"{found.meta['json']}: no labelled class; the next image is used", stacklevel=2
@@ -116,11 +116,12 @@ class SemanticSegDataset(Dataset[Sample], ABC):
             found = self.candidates(position)
         if not found.names:
             raise ValueError(f"{self.dataset}: no image has a labelled class")
+        # Seeded by the requested image, so that a substitute's items differ from the substitute's own.
         groups = group_targets(
-            len(found.names), self.max_questions, self.max_targets, seeded_rng(self.seed, epoch, position)
+            len(found.names), self.max_questions, self.max_targets, seeded_rng(self.seed, epoch, requested)
         )
         chosen = groups[slot % len(groups)]
-        rng = seeded_rng(self.seed, epoch, position, slot + 1)
+        rng = seeded_rng(self.seed, epoch, requested, slot + 1)
         names = [spoken_name(found.names[i], rng) for i in chosen]
         question, answer = training_prompt(names, rng)
         masks = [found.mask(i) for i in chosen]
