@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from pixellm.main import main
+import pixellm.main
+from pixellm.main import console, lightning_cli, main
 
 ROOT = Path(__file__).resolve().parents[1]
 DECODER_EXAMPLE_MARKER = "<!-- pixel-decoder-example -->"
@@ -46,12 +47,17 @@ def test_readme_pixel_decoder_example_runs_by_class_path(tiny_config, tmp_path, 
     code = block.group(1)
     assert len(code.strip().splitlines()) <= 16
     (tmp_path / "my_decoder.py").write_text(code)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # "next to where you run pixellm", through the console script's entry point
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", ".", str(tmp_path))])
     decoder = '{"class_path": "my_decoder.DotProductDecoder", "init_args": {"num_scales": 2, "dim": 16}}'
-    cli = main(
-        ["fit", "--config", str(tiny_config), f"--model.init_args.decoder={decoder}", "--trainer.fast_dev_run=1",
-         f"--trainer.default_root_dir={tmp_path}"]
-    )
+    monkeypatch.setattr(sys, "argv", [
+        "pixellm", "fit", "--config", str(tiny_config), f"--model.init_args.decoder={decoder}",
+        "--trainer.fast_dev_run=1", f"--trainer.default_root_dir={tmp_path}",
+    ])
+    built = []
+    monkeypatch.setattr(pixellm.main, "lightning_cli", lambda args: built.append(lightning_cli(args)) or built[-1])
+    console()
+    cli = built[0]
     assert type(cli.model.decoder).__name__ == "DotProductDecoder"
     assert cli.trainer.global_step == 1
     sys.modules.pop("my_decoder", None)

@@ -28,9 +28,12 @@ def test_a_resumed_schedule_keeps_its_own_length_and_the_saved_step():
         optimizer.step()
         short.step()
     assert optimizer.param_groups[0]["lr"] == 0.0
+    saved = optimizer.state_dict()  # as Lightning restores: the optimizer first (its LR, 0), then the schedule
     optimizer, longer = schedule(60)
+    optimizer.load_state_dict(saved)
     longer.load_state_dict(short.state_dict())
     assert longer.last_epoch == 20 and longer.total_steps == 60
+    assert optimizer.param_groups[0]["lr"] == pytest.approx((60 - 20) / (60 - 10)) == longer.get_last_lr()[0]
     optimizer.step()
     longer.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx((60 - 21) / (60 - 10))

@@ -32,6 +32,19 @@ def test_thirty_steps_on_one_batch_halve_the_mask_loss(task_and_batch):
     assert mask_losses[-1] <= 0.5 * mask_losses[0], mask_losses
 
 
+def test_every_trainable_parameter_gets_a_gradient(task_and_batch):
+    """What DDP's default (find_unused_parameters=False) needs: a trained CLIP included (tiny.yaml)."""
+    task, _, batch = task_and_batch
+    task.train()
+    task.zero_grad(set_to_none=True)
+    ce, masks = task.teacher_forced(batch)
+    task.loss(ce, masks, batch["masks"])["loss"].backward()
+    trained = [name for name, p in task.named_parameters() if p.requires_grad]
+    assert any(name.startswith("vision.") for name in trained)
+    assert [name for name, p in task.named_parameters() if p.requires_grad and p.grad is None] == []
+    task.zero_grad(set_to_none=True)
+
+
 def test_masks_come_back_at_the_original_size_in_text_order(task_and_batch):
     task, _, batch = task_and_batch
     with torch.no_grad():

@@ -18,6 +18,7 @@ Sub-commands that are not LightningCLI's (each has its own ``--help``):
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from lightning import LightningDataModule
@@ -94,7 +95,14 @@ def main(args: list[str] | None = None) -> LightningCLI | None:
 
 
 def console() -> None:
-    """Entry point of the ``pixellm`` console script (exit status 0 on success)."""
+    """Entry point of the ``pixellm`` console script (exit status 0 on success).
+
+    A console script does not look for modules in the working directory, as ``python -m`` does; a
+    ``class_path`` to the user's own module there (README: a pixel decoder variant) needs it. It is
+    searched last, so a file there never shadows an installed package.
+    """
+    if os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
     main()
 
 

@@ -35,5 +35,11 @@ class WarmupLinearLR(LambdaLR):
         return remaining / max(total - self.warmup_steps, 1)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """The checkpoint's step count and LRs; this run's ``warmup_steps`` and ``total_steps``."""
+        """The checkpoint's step count and base LRs; this run's ``warmup_steps`` and ``total_steps``, and so
+        the LR of the next step from them (the optimizer's state, loaded before, holds the old run's)."""
         super().load_state_dict({k: v for k, v in state_dict.items() if k not in ("warmup_steps", "total_steps")})
+        if self.total_steps is None:  # PixelLMTask fills it in; the next step() applies it
+            return
+        self._last_lr = [base * self.factor(self.last_epoch) for base in self.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+            group["lr"] = lr

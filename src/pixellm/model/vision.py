@@ -175,7 +175,8 @@ class CLIPVisionEncoder(VisionEncoder):
 
     Encoder layers deeper than the deepest requested hidden state are dropped at construction
     (they cannot change the returned maps); `model.config.num_hidden_layers` is updated to match.
-    The final `post_layernorm` only touches the pooled class token and is kept.
+    The final `post_layernorm` only touches the pooled class token, which no scale uses: it is kept (so
+    checkpoints load) but frozen, as it never gets a gradient (DDP would stop on an unused parameter).
 
     Args:
         pretrained: local directory holding a `save_pretrained` CLIP checkpoint (a
@@ -238,6 +239,7 @@ class CLIPVisionEncoder(VisionEncoder):
         self.num_scales = len(self.layers)
         self.trainable = trainable
         self._freeze_unless_trainable()
+        model.post_layernorm.requires_grad_(False)  # the pooled class token only (class docstring)
 
     def forward(self, pixel_values: Tensor, resized_sizes: Tensor | None = None) -> list[Tensor]:
         """pixel_values (B, 3, S, S) -> L maps (B, C, h, w), patch tokens only, row-major.
