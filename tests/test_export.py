@@ -201,3 +201,14 @@ def test_validate_runs_on_an_exported_folder_with_its_weights(tiny_config, expor
     assert exported.keys() == cli.model.state_dict().keys()
     assert all(torch.equal(cli.model.state_dict()[k], v) for k, v in exported.items())
     assert cli.model.max_new_tokens == 24 and 0.0 <= float(cli.trainer.callback_metrics["val/gIoU"]) <= 1.0
+
+
+def test_data_that_prepares_other_inputs_than_the_folders_model_took_is_named(tiny_config, exported_tiny, tmp_path):
+    command = ["--config", str(tiny_config), "--model", str(exported_tiny), "--data.init_args.template=llava_v1",
+               "--trainer.limit_val_batches=1", f"--trainer.default_root_dir={tmp_path}"]
+    expected = r"tiny/config\.json: .*template: the data module's llava_v1, the folder's plain"
+    with pytest.raises(SystemExit, match=expected):
+        main(["validate", *command])
+    with pytest.warns(UserWarning, match=expected):  # fine-tuning to other inputs may be meant
+        cli = main(["fit", *command, "--trainer.max_steps=1"])
+    assert cli.trainer.global_step == 1

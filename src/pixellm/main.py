@@ -49,14 +49,17 @@ def tool_for(args: list[str]) -> str | None:
     """The ``module:function`` that handles ``args``, or None for LightningCLI.
 
     ``predict`` belongs to LightningCLI unless it is given ``--image`` or ``--jsonl`` (inputs of an
-    exported folder; ``predict --config DATA --model DIR`` stays LightningCLI's).
+    exported folder), or an exported folder as ``--model`` and no ``--config`` (so that the folder tool, not
+    LightningCLI, says what is missing); ``predict --config DATA --model DIR`` stays LightningCLI's.
     """
     if not args:
         return None
-    if args[0] == "predict" and (
-        any(a.split("=")[0] in FOLDER_PREDICT_FLAGS for a in args[1:])
-    ):
-        return FOLDER_PREDICT
+    if args[0] == "predict":
+        from pixellm.pretrained_cli import model_folder  # late import: it imports this module
+
+        flags = [a.split("=")[0] for a in args[1:]]
+        if any(f in FOLDER_PREDICT_FLAGS for f in flags) or ("--config" not in flags and model_folder(args[1:])):
+            return FOLDER_PREDICT
     return TOOLS.get(args[0])
 
 

@@ -9,12 +9,13 @@ runs: validate or test a released/converted model, or fine-tune from it, on any 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from lightning import LightningDataModule
 from lightning.pytorch.cli import LightningCLI
 
-from pixellm.export import CONFIG_NAME, folder_model_config, load_folder_weights
+from pixellm.export import CONFIG_NAME, folder_model_config, load_folder_weights, read_config
 from pixellm.main import CLI_SETUP
 from pixellm.task import PixelLMTask
 
@@ -55,6 +56,32 @@ class PretrainedFolderCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
         load_folder_weights(self.model, self.folder, self.folder_config)
+        self._check_preprocessing()
+
+    def _check_preprocessing(self) -> None:
+        """The data module must prepare inputs as the folder's model was trained to take them (its
+        ``config.json`` ``preprocess``): an error for evaluation, a warning for ``fit`` (fine-tuning to
+        other inputs may be meant). Fields a data module does not have are not compared."""
+        recorded = read_config(self.folder)["preprocess"]
+        differing = [
+            f"{name}: the data module's {_plain(getattr(self.datamodule, name))}, the folder's {_plain(value)}"
+            for name, value in recorded.items()
+            if hasattr(self.datamodule, name) and _plain(getattr(self.datamodule, name)) != _plain(value)
+        ]
+        if not differing:
+            return
+        message = (
+            f"{self.folder / CONFIG_NAME}: the model was trained with other inputs than the data module makes "
+            f"({'; '.join(differing)}); set --data.init_args.<field> to the folder's value"
+        )
+        if self.subcommand != "fit":
+            raise SystemExit(f"pixellm: {message}")
+        warnings.warn(message, stacklevel=2)
+
+
+def _plain(value: object) -> object:
+    """A preprocessing value as ``config.json`` holds it (lists for tuples)."""
+    return list(value) if isinstance(value, (tuple, list)) else value
 
 
 def run_on_folder(args: list[str]) -> LightningCLI | None:

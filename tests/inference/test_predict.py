@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -39,8 +40,22 @@ def test_number_targets_replaces_each_complete_group_and_labels_it():
 
 def test_output_folders_never_repeat_a_name(tmp_path):
     folders = OutputFolders(tmp_path)
-    names = [folders.next(f"in/{n}").name for n in ["x.png", "x.jpg", "x_2.png", "y.png", "x.gif", ".png"]]
-    assert names == ["x", "x_2", "x_2_2", "y", "x_3", ".png"]
+    names = [folders.next(Path(n).stem).name for n in ["x.png", "x.jpg", "x_2.png", "y.png", "x.gif", ".png"]]
+    assert names == ["x", "x_2", "x_2_2", "y", "x_3", "png"]
+    assert folders.next("photo.v2_1").name == "photo.v2_1"  # chat's <stem>_<turn>, kept whole
+
+
+@pytest.mark.parametrize("stem", ["..", ".", "", " ", "../up", "a/../../b"])
+def test_output_folders_stay_inside_their_root(tmp_path, stem):
+    root = tmp_path / "out"
+    folder = OutputFolders(root).next(stem)
+    assert folder.parent == root and folder.name not in ("", ".", "..") and "/" not in folder.name
+
+
+def test_a_second_run_never_writes_into_the_first_runs_folders(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "mask_2.png").write_bytes(b"from the first run")
+    assert OutputFolders(tmp_path).next("x").name == "x_2"
 
 
 def test_mask_scores_are_the_mean_probability_inside_each_mask():
@@ -144,7 +159,10 @@ def test_jsonl_requests_resolve_relative_paths_and_name_bad_lines(tmp_path):
     with pytest.raises(ValueError, match=r"bad.jsonl line 2: field 'question'"):
         read_jsonl(bad)
     bad.write_text(json.dumps({"image": "missing.png", "question": "q?"}) + "\n")
-    with pytest.raises(FileNotFoundError, match=r"line 1: field 'image'"):
+    with pytest.raises(FileNotFoundError, match=r"line 1: field 'image': .*missing.png does not exist"):
+        read_jsonl(bad)
+    bad.write_text(json.dumps({"image": ".", "question": "q?"}) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"line 1: field 'image': .* is not a file"):
         read_jsonl(bad)
     bad.write_text(json.dumps({"image": "x.png", "question": "what is in <image>?"}) + "\n")
     with pytest.raises(ValueError, match=r"bad.jsonl line 1: field 'question': holds '<image>'"):
@@ -154,6 +172,9 @@ def test_jsonl_requests_resolve_relative_paths_and_name_bad_lines(tmp_path):
 def test_predict_with_a_config_stays_lightnings_and_tools_are_found_by_name(exported_tiny):
     assert tool_for(["predict", "--config", "c.yaml", "--ckpt_path", "x"]) is None
     assert tool_for(["predict", "--model", "pixellm.task.PixelLMTask"]) is None
+    for model in (["--model", str(exported_tiny)], [f"--model={exported_tiny}"]):  # the folder tool says what is missing
+        assert tool_for(["predict", *model, "--question", "q?"]) == "pixellm.inference.commands:predict_command"
+        assert tool_for(["predict", "--config", "c.yaml", *model]) is None
     assert tool_for(["predict", "--model", str(exported_tiny), "--jsonl", "q.jsonl"]) == "pixellm.inference.commands:predict_command"
     assert model_folder(["validate", "--config", "c.yaml", f"--model={exported_tiny}"]) == (exported_tiny, 3)
     assert model_folder(["validate", "--model", "pixellm.task.PixelLMTask"]) is None

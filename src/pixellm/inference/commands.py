@@ -90,7 +90,8 @@ def read_jsonl(path: Path) -> list[tuple[Path, str]]:
         image = Path(record["image"]).expanduser()
         image = image if image.is_absolute() else path.parent / image
         if not image.is_file():
-            raise FileNotFoundError(f"{path} line {number}: field 'image': {image} does not exist")
+            problem = "is not a file" if image.exists() else "does not exist"
+            raise FileNotFoundError(f"{path} line {number}: field 'image': {image} {problem}")
         pairs.append((image, record["question"]))
     if not pairs:
         raise ValueError(f"{path}: no requests")
@@ -136,7 +137,7 @@ def predict_command(argv: list[str]) -> None:
         task = bar.add_task("predict", total=len(pairs))
         written = 0
         for prediction in predictor.predict_all(_requests(pairs, skipped)):
-            folder = folders.next(prediction.request.source)
+            folder = folders.next(Path(prediction.request.source).stem)
             record = write_prediction(prediction, folder)
             summary.write(json.dumps({**record, "folder": str(folder)}) + "\n")
             written += 1

@@ -73,21 +73,24 @@ def write_prediction(prediction: Prediction, folder: Path) -> dict[str, Any]:
 
 
 class OutputFolders:
-    """One output folder name per request: the image's stem, else the first free ``_2``, ``_3``...
+    """One fresh output folder per request, under ``root``: its name, else the first free ``_2``, ``_3``...
 
-    A name is never given twice, even where an image's own stem looks like a generated one
-    (``x.png``, ``x.jpg``, ``x_2.png`` get ``x``, ``x_2``, ``x_2_2``).
+    A name is never given twice, even where a name looks like a generated one (``x``, ``x``, ``x_2``
+    get ``x``, ``x_2``, ``x_2_2``), nor one already on disk: a second run into the same root writes
+    beside the first run's folders, never over or among their files. Names stay inside the root:
+    leading dots and path separators are dropped (``..`` gives ``image``).
     """
 
     def __init__(self, root: Path) -> None:
         self.root = root
         self.used: set[str] = set()
 
-    def next(self, source: str) -> Path:
-        stem = Path(source).stem or "image"
-        name, count = stem, 1
-        while name in self.used:
+    def next(self, name: str) -> Path:
+        """The folder for ``name`` (an image's stem, or chat's ``<stem>_<turn>``)."""
+        base = name.replace("/", "_").replace("\\", "_").strip().lstrip(".") or "image"
+        candidate, count = base, 1
+        while candidate in self.used or (self.root / candidate).exists():
             count += 1
-            name = f"{stem}_{count}"
-        self.used.add(name)
-        return self.root / name
+            candidate = f"{base}_{count}"
+        self.used.add(candidate)
+        return self.root / candidate
