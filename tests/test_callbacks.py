@@ -112,3 +112,33 @@ def test_generate_mode_matches_shuffled_perfect_masks_and_rewrites_with_descript
         if k:  # prediction 0 is the last target
             assert question["rewritten_answer"].startswith(f"it ({targets[-1]['description']} [")
     assert "| PixelLM (this run) | " in capsys.readouterr().out
+
+
+def test_a_judges_scores_are_logged_beside_the_iou_only_ones(tiny_config, tmp_path, monkeypatch):
+    """Each matched target judged 5 of 10: the judged gIoU / cIoU are half the IoU-only ones (perfect masks)."""
+    from pixellm.callbacks import EvaluationReport
+    from pixellm.evaluation.judge import AnswerJudge, Judgement
+    from pixellm.main import lightning_cli
+    from pixellm.task import Generation, PixelLMTask
+
+    class HalfJudge(AnswerJudge):
+        label = "half"
+
+        def judge(self, question, rewritten_answer, matched):
+            return Judgement(scores=[5 if m else 0 for m in matched])
+
+    def perfect(self, batch):
+        answers = [" and ".join([" ".join(self.codebook.tokens)] * m.shape[0]) for m in batch["masks"]]
+        return Generation(answers, [2.0 * m - 1 for m in batch["masks"]], torch.zeros(len(answers), dtype=torch.long))
+
+    monkeypatch.setattr(PixelLMTask, "generate_answers", perfect)
+    cli = lightning_cli(["--config", str(tiny_config), "--data.init_args.eval_mode", "generate",
+                         f"--trainer.default_root_dir={tmp_path}"], run=False)
+    cli.trainer.callbacks.append(EvaluationReport(judge=HalfJudge(), output_dir=str(tmp_path / "eval")))
+    cli.trainer.test(cli.model, cli.datamodule)
+    metrics = cli.trainer.callback_metrics
+    saved = json.loads((tmp_path / "eval" / "test_step0" / "test.json").read_text())
+    assert float(metrics["test/judged_gIoU"]) == pytest.approx(saved["scores"]["gIoU"], abs=1e-6)
+    assert float(metrics["test/judged_cIoU"]) == pytest.approx(saved["scores"]["cIoU"], abs=1e-6)
+    assert saved["scores"]["gIoU"] == pytest.approx(0.5 * float(metrics["test/gIoU"]), abs=1e-4)
+    assert float(metrics["test/gIoU"]) == pytest.approx(1.0, abs=1e-4)

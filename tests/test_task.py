@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 import torch
+
+from pixellm.data.splits import EvalSplit
 
 
 @pytest.fixture(scope="module")
@@ -144,8 +148,6 @@ def test_the_padding_of_a_non_square_image_is_left_out_of_attention(task_and_bat
 
 
 def test_repeats_that_even_out_the_processes_are_not_scored(task_and_batch, monkeypatch):
-    from types import SimpleNamespace
-
     from pixellm.data.eval_sharding import REPEAT_KEY
 
     task, data, batch = task_and_batch
@@ -161,6 +163,22 @@ def test_repeats_that_even_out_the_processes_are_not_scored(task_and_batch, monk
         task._start_evaluation("val")
         with torch.no_grad():
             outputs = task.validation_step(b, 0)
-        counts.append(float(task.split_iou["val"].count[0]))
+        counts.append(float(task.split_iou[0].count[0]))
         assert [o["repeat"] for o in outputs] == [REPEAT_KEY in m for m in b["meta"]]
     assert counts[1] == counts[0] - batch["masks"][last].shape[0] > 0  # the repeat's pairs left out
+
+
+@pytest.mark.parametrize("name", ["refcocog.val", "eval", "train", "type"])
+def test_any_split_name_is_evaluated_and_logged(task_and_batch, monkeypatch, name):
+    """Split names are not module keys: a dot, or the name of a module attribute, is fine."""
+    task, data, batch = task_and_batch
+    logged = {}
+    monkeypatch.setattr(task, "_trainer", SimpleNamespace(datamodule=SimpleNamespace(
+        eval_splits=lambda stage: [EvalSplit(name)])))
+    monkeypatch.setattr(task, "log", lambda key, value, **kwargs: logged.update({key: float(value)}))
+    task.eval()
+    task._start_evaluation("val")
+    with torch.no_grad():
+        task.validation_step(batch, 0)
+    task._log_splits()
+    assert 0.0 <= logged[f"{name}/gIoU"] <= 1.0 and 0.0 <= logged[f"{name}/cIoU"] <= 1.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -164,12 +165,16 @@ class EvaluationReport(Callback):
             loggers[0].experiment.add_image(tag, overlay.cpu(), trainer.global_step)
             self.overlays += 1
 
-    def _end(self, trainer: Trainer, stage: str) -> None:
+    def _end(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         results = []
         for split in self.splits:
             scores = {k: float(v) for k, v in self.metrics[split.name].compute().items()}
             judge = self.judge.label if split.mode == "generate" else "none"
             results.append(SplitResult(split.name, split.mode, judge, scores, gather_records(self.records[split.name])))
+            if split.mode == "generate" and not isinstance(self.judge, IoUOnlyJudge):  # the task logs IoU-only
+                for key, value in scores.items():
+                    if not math.isnan(value):
+                        pl_module.log(f"{split.name}/judged_{key}", value, add_dataloader_idx=False)
         if not trainer.is_global_zero:
             return
         root = Path(self.output_dir) if self.output_dir else Path(trainer.log_dir or trainer.default_root_dir) / "evaluation"
@@ -198,7 +203,7 @@ class EvaluationReport(Callback):
 
     def on_validation_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if not trainer.sanity_checking:
-            self._end(trainer, "val")
+            self._end(trainer, pl_module, "val")
 
     def on_validation_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn == "validate":
@@ -217,7 +222,7 @@ class EvaluationReport(Callback):
         self._batch_end(trainer, pl_module, outputs, batch)
 
     def on_test_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._end(trainer, "test")
+        self._end(trainer, pl_module, "test")
 
     def on_test_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._print(trainer)

@@ -112,7 +112,8 @@ class PixelLMTask(LightningModule):
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.lmm.extend_vocabulary(len(self.tokenizer))
         self._check_widths()
-        self.split_iou = nn.ModuleDict()  # one PairedMaskIoU per evaluation split, built per epoch
+        self.split_iou = nn.ModuleList()  # one PairedMaskIoU per evaluation split (in eval_splits order), per epoch
+        self.split_names: list[str] = []  # their names (any string: not module keys)
 
     def _check_widths(self) -> None:
         """Fail at construction, with the config keys to fix, when the parts do not fit together."""
@@ -215,7 +216,9 @@ class PixelLMTask(LightningModule):
         return splits[dataloader_idx]
 
     def _start_evaluation(self, stage: str) -> None:
-        self.split_iou = nn.ModuleDict({s.name: PairedMaskIoU() for s in self.eval_splits(stage)}).to(self.device)
+        splits = self.eval_splits(stage)
+        self.split_names = [s.name for s in splits]
+        self.split_iou = nn.ModuleList(PairedMaskIoU() for _ in splits).to(self.device)
 
     def _evaluate(self, batch: dict, stage: str, dataloader_idx: int) -> list[dict]:
         """Evaluate a batch of one split of ``stage``; feed its IoU metric.
@@ -246,7 +249,8 @@ class PixelLMTask(LightningModule):
             pairs = match_batch(logits, truth, self.match_cost)
         scored = [p for p, m in zip(pairs, batch["meta"], strict=True) if not is_repeat(m)]  # repeats even out processes
         if scored:
-            self.split_iou[split.name].update(*concatenate(scored), torch.cat([pair_scores(p, None) for p in scored]))
+            metric = self.split_iou[self.split_names.index(split.name)]
+            metric.update(*concatenate(scored), torch.cat([pair_scores(p, None) for p in scored]))
         return [
             {"split": split, "question": q, "answer": a, "pairs": p, "masks": x > 0, "meta": m, "repeat": is_repeat(m)}
             for q, a, p, x, m in zip(batch["questions"], answers, pairs, logits, batch["meta"], strict=True)
@@ -254,7 +258,7 @@ class PixelLMTask(LightningModule):
 
     def _log_splits(self) -> None:
         """Log every split's gIoU / cIoU (and few/many where the split has such questions)."""
-        for name, metric in self.split_iou.items():
+        for name, metric in zip(self.split_names, self.split_iou, strict=True):
             for key, value in metric.compute().items():
                 if key in HEADLINE_SCORES or not bool(value.isnan()):
                     self.log(f"{name}/{key}", value, prog_bar=key in HEADLINE_SCORES, add_dataloader_idx=False)

@@ -120,5 +120,8 @@ def test_parse_scores_and_iou_only_judge():
     assert parse_scores("```json\n[10, 0.4, 12]\n```", 3) == [10, 1, 10]
     assert parse_scores("[1, 2] then [3, 4, 5]", 3) == [3, 4, 5]
     assert parse_scores("[1, 2]", 3) is None
+    for reply in ("Scores: [NaN, 8]", "[Infinity, 3]", "[1e400, 2]", "[true, 9]"):  # not scores: unparsed
+        assert parse_scores(reply, 2) is None
+    assert parse_scores("[NaN, 8] or rather [7, 8]", 2) == [7, 8]
     verdict = IoUOnlyJudge().judge("q", "a", [True, False, True])
     assert verdict.scores == [10, 0, 10] and verdict.prompt == "" and IoUOnlyJudge.label == "IoU-only"

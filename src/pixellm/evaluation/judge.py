@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 import time
@@ -83,13 +84,15 @@ def judge_prompt(question: str, rewritten_answer: str, num_targets: int) -> str:
 
 
 def parse_scores(reply: str, count: int) -> list[int] | None:
-    """The first JSON list of ``count`` numbers in ``reply``, rounded and clipped to 1..10; else None."""
+    """The first JSON list of ``count`` finite numbers (not booleans) in ``reply``, rounded and clipped
+    to 1..10; else None (``NaN`` and ``Infinity``, which JSON parsing accepts, are not scores)."""
     for candidate in re.findall(r"\[[^\[\]]*\]", reply):
         try:
             values = json.loads(candidate)
         except json.JSONDecodeError:
             continue
-        if len(values) == count and all(isinstance(v, int | float) for v in values):
+        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values)
+        if len(values) == count and numbers:
             return [min(MAX_SCORE, max(1, round(v))) for v in values]
     return None
 
