@@ -166,9 +166,11 @@ def test_from_pretrained_loads_a_local_llava_folder(tmp_path):
         text_config=LlamaConfig(**TEXT),
         vision_config=CLIPVisionConfig(hidden_size=8, num_attention_heads=1, num_hidden_layers=1, intermediate_size=16),
     )
-    LlavaForConditionalGeneration(config).save_pretrained(tmp_path / "llava")
-    saved = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava")
+    LlavaForConditionalGeneration(config).to(torch.bfloat16).save_pretrained(tmp_path / "llava")  # as released
+    saved = LlavaForConditionalGeneration.from_pretrained(tmp_path / "llava", dtype=torch.float32)
     lmm = LlavaLMM(pretrained=str(tmp_path / "llava"))
+    assert {p.dtype for p in lmm.parameters()} == {torch.float32}  # as the vision encoder, codebook, decoder
+    assert lmm.embed_image(torch.randn(1, 8, 2, 2)).dtype == torch.float32
     assert lmm.llava.model.vision_tower is None  # replaced by pixellm's own multi-scale encoder
     assert torch.equal(lmm.embed_tokens.weight, saved.model.language_model.embed_tokens.weight)
     assert torch.equal(lmm.projector.linear_1.weight, saved.model.multi_modal_projector.linear_1.weight)

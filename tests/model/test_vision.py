@@ -157,6 +157,10 @@ def test_clip_loads_local_pretrained_directory(tmp_path: Path):
     loaded = encoder.model.state_dict()
     for name, value in stock.state_dict().items():
         assert torch.equal(loaded[name], value), name
+    stock.to(torch.bfloat16).save_pretrained(tmp_path)  # a half-precision file loads as float32
+    assert {p.dtype for p in CLIPVisionEncoder(pretrained=str(tmp_path), feature_layers=[-1]).parameters()} == {
+        torch.float32
+    }
 
 
 def test_clip_rejects_missing_directory_and_bad_arguments(tmp_path: Path):

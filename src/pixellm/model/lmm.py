@@ -121,8 +121,10 @@ class LlavaLMM(nn.Module):
         if (pretrained is None) == (text_config is None):
             raise ValueError("LlavaLMM: give exactly one of `pretrained` (a local dir) and `text_config`.")
         if pretrained is not None:
+            # float32, as every other part (transformers 5 would keep the file's bf16/fp16): the run's
+            # precision (Lightning) or the Predictor chooses the compute dtype
             llava = LlavaForConditionalGeneration.from_pretrained(
-                pretrained, local_files_only=True, attn_implementation=attn_implementation
+                pretrained, local_files_only=True, attn_implementation=attn_implementation, dtype=torch.float32
             )
         else:
             config = LlavaConfig(

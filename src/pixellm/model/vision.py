@@ -279,6 +279,7 @@ def _load_clip(directory: str, attn_implementation: str) -> CLIPVisionModel:
         local_files_only=True,
         attn_implementation=attn_implementation,
         output_loading_info=True,
+        dtype=torch.float32,  # as every other part (see LlavaLMM): not the file's half precision
     )
     if info["missing_keys"]:
         raise ValueError(
