@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -212,3 +213,31 @@ def test_data_that_prepares_other_inputs_than_the_folders_model_took_is_named(ti
     with pytest.warns(UserWarning, match=expected):  # fine-tuning to other inputs may be meant
         cli = main(["fit", *command, "--trainer.max_steps=1"])
     assert cli.trainer.global_step == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("weights.file", "../outside.safetensors"), ("weights.file", "/etc/passwd"),
+     ("model.init_args.tokenizer", "/tmp/some_tokenizer"), ("weights.adapter", "../adapter")],
+)
+def test_a_folders_config_cannot_name_files_outside_it(exported_tiny, tmp_path, field, value):
+    folder = tmp_path / "copy"
+    shutil.copytree(exported_tiny, folder)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    *path, last = field.split(".")
+    section = config
+    for key in path:
+        section = section[key]
+    section[last] = value
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=rf"config\.json: field '{re.escape(field)}': .* is not a path inside the folder"):
+        load_pretrained(folder)
+
+
+def test_only_the_architecture_of_a_folders_model_section_is_read(exported_tiny, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(exported_tiny, folder)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    config["model"]["init_args"]["optimizer"] = {"class_path": "no_such_module_anywhere.Optimizer"}  # never imported
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    assert load_pretrained(folder).task.state_dict().keys() == load_pretrained(exported_tiny).task.state_dict().keys()

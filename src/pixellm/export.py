@@ -34,6 +34,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from pixellm.data.errors import DataError
+from pixellm.data.images import confined_path
 from pixellm.data.preprocess import DEFAULT_PIXEL_MEAN, DEFAULT_PIXEL_STD
 from pixellm.task import PixelLMTask
 from pixellm.tokenizer import IMAGE_TOKEN
@@ -292,13 +294,26 @@ def folder_model_config(
     """
     directory = Path(directory)
     config = read_config(directory)
-    model_config = copy.deepcopy(config["model"])
+    model_config = architecture_section(config["model"])  # what an export writes: no optimizer, no other class
     init = model_config["init_args"]
-    init["tokenizer"] = str(directory / init.get("tokenizer", TOKENIZER_DIR))
+    tokenizer = config["model"]["init_args"].get("tokenizer", TOKENIZER_DIR)
+    init["tokenizer"] = str(folder_file(directory, tokenizer, "model.init_args.tokenizer"))
     config_path = directory / CONFIG_NAME
     _use_base(init["lmm"].setdefault("init_args", {}), base_model, "base_model", config_path)
     _use_base(init["vision"].setdefault("init_args", {}), vision_model, "vision_model", config_path)
     return config, model_config
+
+
+def folder_file(directory: Path, relative: str, field: str) -> Path:
+    """``directory / relative``, a file of the folder its ``config.json`` names: never one outside it.
+
+    Raises:
+        ValueError: an absolute path, a ``..`` component or a drive letter (names the field).
+    """
+    try:
+        return confined_path(directory, relative)
+    except DataError as err:
+        raise ValueError(f"{directory / CONFIG_NAME}: field {field!r}: {relative!r} is not a path inside the folder") from err
 
 
 def load_folder_weights(task: PixelLMTask, directory: str | Path, model_config: dict[str, Any]) -> None:
@@ -307,9 +322,9 @@ def load_folder_weights(task: PixelLMTask, directory: str | Path, model_config: 
     config = read_config(directory)
     config_path = directory / CONFIG_NAME
     _check_architecture(describe_architecture(task), config["architecture"], config_path)
-    _load_weights(task, directory / config["weights"]["file"], folder_keys(task, model_config))
+    _load_weights(task, folder_file(directory, config["weights"]["file"], "weights.file"), folder_keys(task, model_config))
     if config["weights"].get("adapter"):
-        _load_adapter(task, directory / config["weights"]["adapter"])
+        _load_adapter(task, folder_file(directory, config["weights"]["adapter"], "weights.adapter"))
     elif adapter_keys(task):
         raise ValueError(f"{config_path}: the model has LoRA but weights.adapter names no folder")
 
