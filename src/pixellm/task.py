@@ -30,7 +30,7 @@ from pixellm.model.lmm import LlavaLMM, MultimodalInputs
 from pixellm.model.losses import PixelLMLoss
 from pixellm.model.projection import VisionDecoderProjection
 from pixellm.model.vision import VisionEncoder, valid_cells
-from pixellm.reliability.codebook_groups import drop_malformed_groups
+from pixellm.reliability.codebook_groups import decode_answer, drop_malformed_groups
 from pixellm.reliability.nonfinite import NonFiniteLossGuard, any_rank_decision, skipped_step_loss
 from pixellm.reliability.skipping import is_empty_batch
 from pixellm.schedule import WarmupLinearLR
@@ -292,7 +292,8 @@ class PixelLMTask(LightningModule):
         whole_groups, malformed = drop_malformed_groups(ids, self.codebook.token_ids, eos)
         targets = self.codebook.gather(states, whole_groups, strict=False)
         logits = self.decode_masks(features, targets, batch)
-        answers = [self.tokenizer.decode(ids[b][~after_eos[b]].tolist()) for b in range(ids.shape[0])]
+        codes = self.codebook.token_ids.tolist()
+        answers = [decode_answer(self.tokenizer, ids[b][~after_eos[b]].tolist(), codes) for b in range(ids.shape[0])]
         return Generation(answers, logits, targets.dropped_tokens + malformed)
 
     def predict_step(self, batch: dict, batch_idx: int) -> list[dict]:

@@ -96,3 +96,34 @@ def test_a_broken_off_group_never_becomes_a_target(task_and_batch, monkeypatch):
     with torch.no_grad():
         expected = task.decode_masks(features, gathered, batch)[0] > 0
     assert torch.equal(out[0]["masks"], expected)
+
+
+def test_codebook_strings_spelled_by_ordinary_pieces_are_not_targets(tmp_path):
+    """A Llama-like tokenizer can spell ``[SEG0]`` with ordinary pieces: the text must not show it as a target."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from pixellm.inference.answer import number_targets
+    from pixellm.reliability.codebook_groups import codebook_pattern, decode_answer
+    from pixellm.tokenizer import codebook_token_strings, load_tokenizer
+
+    pieces = ["<unk>", "<s>", "</s>", "▁the", "▁cat", "▁dog", "▁and", "▁[", "SE", "G", *"012345", "]", "."]
+    model = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[], unk_token="<unk>"))
+    model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    model.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
+    PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
+        tmp_path / "llama_like")
+    tokens = codebook_token_strings(2, 3)
+    tokenizer = load_tokenizer(str(tmp_path / "llama_like"), tokens)
+    code = tokenizer.convert_tokens_to_ids(tokens)
+    words = tokenizer.convert_tokens_to_ids
+    spelled = [i for k in range(6) for i in words(["▁[", "SE", "G", str(k), "]"])]  # ordinary ids only
+    ids = words(["▁the", "▁cat"]) + spelled + words(["▁and", "▁the", "▁dog"]) + code + words(["."])
+    text = decode_answer(tokenizer, ids, code)
+    assert len(codebook_pattern(tokens).findall(tokenizer.decode(ids))) == 12  # plain decoding shows two groups
+    assert len(codebook_pattern(tokens).findall(text)) == 6  # ours: only the codebook ids' group
+    numbered = number_targets(text, tokens)
+    assert len(numbered.labels) == 1 and numbered.text.endswith("and the dog [1].")  # one target: the dog's
+    assert text.replace("[ SEG", "[SEG") == tokenizer.decode(ids)  # the same text otherwise, spacing included
+    plain = words(["▁the", "▁cat"]) + code + words(["."])
+    assert decode_answer(tokenizer, plain, code) == tokenizer.decode(plain)

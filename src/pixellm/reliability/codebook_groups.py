@@ -10,10 +10,14 @@ rest, which ``predict_step`` reports as ``dropped_codebook_tokens``.
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import torch
 from torch import Tensor
+from transformers import PreTrainedTokenizerBase
+
+from pixellm.data.preprocess import neutralize_tokens
 
 
 def whole_groups(slots: list[int], group_size: int) -> list[list[int]]:
@@ -43,6 +47,37 @@ def whole_groups(slots: list[int], group_size: int) -> list[list[int]]:
     return groups
 
 
+def codebook_pattern(codebook_tokens: list[str]) -> re.Pattern[str]:
+    """A pattern matching any of the codebook token strings (longest first)."""
+    return re.compile("|".join(re.escape(t) for t in sorted(codebook_tokens, key=len, reverse=True)))
+
+
+def decode_answer(tokenizer: PreTrainedTokenizerBase, ids: list[int], codebook_ids: list[int]) -> str:
+    """``tokenizer.decode(ids)``, where a codebook token string that ordinary sub-word tokens spell out
+    (``[`` ``SE`` ``G`` ``0`` ``]``) is broken up (``neutralize_tokens``): every codebook string of the
+    text is then a codebook id, so the groups the text shows (``group_spans``) are the masks that
+    decoding the ids makes (``drop_malformed_groups``).
+    """
+    text = tokenizer.decode(ids)
+    codes = set(codebook_ids)
+    tokens = tokenizer.convert_ids_to_tokens(sorted(codes))
+    pattern = codebook_pattern(tokens)
+    # the ids as runs: a codebook id (one string in the text) or a run of ordinary ids (those it spells)
+    runs = [(key, list(run)) for key, run in itertools.groupby(ids, key=lambda i: i in codes)]
+    spelled = [len(run) if code else len(pattern.findall(tokenizer.decode(run))) for code, run in runs]
+    if not any(n for (code, _), n in zip(runs, spelled, strict=True) if not code):
+        return text
+    matches = list(pattern.finditer(text))
+    if len(matches) != sum(spelled):  # the decoded runs read differently in context: decode them apart
+        return "".join(tokenizer.decode(run) if code else neutralize_tokens(tokenizer.decode(run), tokens)
+                       for code, run in runs)
+    from_code = [code for (code, _), n in zip(runs, spelled, strict=True) for _ in range(n)]  # per match, in order
+    for match, code in reversed(list(zip(matches, from_code, strict=True))):  # from the end: offsets stay valid
+        if not code:
+            text = text[: match.start()] + neutralize_tokens(match.group(), tokens) + text[match.end() :]
+    return text
+
+
 def group_spans(text: str, codebook_tokens: list[str]) -> tuple[re.Pattern[str], list[tuple[int, int]]]:
     """Where the whole in-order groups (``whole_groups``) of codebook tokens lie in decoded text.
 
@@ -56,7 +91,7 @@ def group_spans(text: str, codebook_tokens: list[str]) -> tuple[re.Pattern[str],
         A pattern matching any codebook token (to remove those outside the groups), and per group
         the (start, end) characters from its first token's start to its last token's end.
     """
-    pattern = re.compile("|".join(re.escape(t) for t in sorted(codebook_tokens, key=len, reverse=True)))
+    pattern = codebook_pattern(codebook_tokens)
     matches = list(pattern.finditer(text))
     slot = {token: k for k, token in enumerate(codebook_tokens)}
     groups = whole_groups([slot[m.group()] for m in matches], len(codebook_tokens))
