@@ -14,7 +14,7 @@ from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaFo
 from pixellm.export import CONFIG_NAME, load_pretrained
 from pixellm.inference.predictor import Predictor, Request
 from pixellm.main import main
-from pixellm.tokenizer import _shapes_tokenizer
+from pixellm.tokenizer import IMAGE_TOKEN, _shapes_tokenizer
 
 H, C, D = 32, 32, 16  # LLM width, CLIP width, decoder width (the release: 4096, 1024, 256)
 
@@ -60,6 +60,7 @@ def fake_release(folder: Path) -> dict[str, torch.Tensor]:
     torch.manual_seed(0)
     tokenizer = _shapes_tokenizer()
     tokenizer.add_tokens([f"[SEG{i}]" for i in range(6)])  # as the release's training script does
+    tokenizer.add_tokens(["<im_start>", "<im_end>"], special_tokens=True)  # and its merge script (use_mm_start_end)
     tokenizer.save_pretrained(folder)
     llama = LlamaConfig(vocab_size=len(tokenizer), hidden_size=H, intermediate_size=64, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256)
@@ -153,12 +154,17 @@ def test_the_converted_model_has_the_release_switches_and_runs(converted):
     assert init["decoder"]["init_args"]["learn_scale_weights"] is False
     assert init["vision"]["init_args"]["release_position_quirk"] is True
     assert init["vision"]["init_args"]["feature_layers"] == [-2, -11]
-    assert config["preprocess"]["pixel_mean"] == [123.675, 116.28, 103.53] and config["preprocess"]["template"] == "llava_v1"
+    assert config["preprocess"]["pixel_mean"] == [123.675, 116.28, 103.53]
+    assert config["preprocess"]["template"] == "llava_v1_im_start_end"
     assert config["vision_model"] == str(clip)
     model = load_pretrained(out)
     assert model.task.decoder.scale_weights().tolist() == [0.5, 0.5]
-    prediction = Predictor(model, max_new_tokens=4).predict([Request(random_image(0, (40, 30)), "what is this?")])[0]
+    predictor = Predictor(model, max_new_tokens=4)
+    prediction = predictor.predict([Request(random_image(0, (40, 30)), "what is this?")])[0]
     assert isinstance(prediction.text, str) and prediction.masks.shape[1:] == (30, 40)
+    ids = predictor._batch([Request(random_image(0, (40, 30)), "what is this?")])["input_ids"][0].tolist()
+    start, image, end = model.task.tokenizer.convert_tokens_to_ids(["<im_start>", IMAGE_TOKEN, "<im_end>"])
+    assert ids[ids.index(image) - 1 : ids.index(image) + 2] == [start, image, end]  # the release's prompt
 
 
 def test_a_release_key_that_nothing_maps_stops_the_conversion():

@@ -12,8 +12,10 @@ The converted model reproduces the release (facts in REFERENCE.md): token fusion
 (each scale sums its N states times 1/(L*N)), gamma fixed at 1/L, CLIP's position embeddings
 resized with the release's off-by-one (``release_position_quirk``), ImageNet/SAM normalisation,
 separate projectors (p_V->T Linear(C, 2H) -> GELU -> Linear(2H, H), and ``out_mm_projector`` +
-``image_feature_neck`` for p_V->D), the LLaVA v1 template. Widths and depths are read from the
-weights' shapes; the attention heads of the decoder (8) are the release's constant.
+``image_feature_neck`` for p_V->D), the LLaVA v1 template, with the image between ``<im_start>``
+and ``<im_end>`` when the release's tokenizer holds them (its default ``use_mm_start_end``). Widths
+and depths are read from the weights' shapes; the attention heads of the decoder (8) are the
+release's constant.
 
 Every source key is mapped or dropped for a stated reason (``DST/conversion.json`` lists both);
 a key that is neither, or a model key that nothing fills, stops the conversion.
@@ -32,6 +34,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from transformers import LlamaConfig
 
+from pixellm.data.conversation import IM_END, IM_START
 from pixellm.data.preprocess import DEFAULT_PIXEL_MEAN, DEFAULT_PIXEL_STD
 from pixellm.export import Preprocess, folder_keys, instantiate_task, save_pretrained
 
@@ -157,15 +160,19 @@ def release_model_config(
     }
 
 
-def release_codebook_tokens(folder: Path) -> int:
-    """How many ``[SEGi]`` tokens the release's tokenizer holds (L*N; 6 for PixelLM)."""
+def release_tokens(folder: Path) -> tuple[int, str]:
+    """How many ``[SEGi]`` tokens the release's tokenizer holds (L*N; 6 for PixelLM), and the template of
+    its prompts: ``llava_v1_im_start_end`` when it holds ``<im_start>`` and ``<im_end>`` (the release's
+    merge script adds them for ``use_mm_start_end``, its default), else ``llava_v1``."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False)
-    found = sorted(int(m.group(1)) for t in tokenizer.get_vocab() if (m := RELEASE_TOKEN.match(t)))
+    vocabulary = tokenizer.get_vocab()
+    found = sorted(int(m.group(1)) for t in vocabulary if (m := RELEASE_TOKEN.match(t)))
     if not found or found != list(range(len(found))):
         raise ValueError(f"{folder}: the tokenizer's codebook tokens are {found}, expected [SEG0]..[SEG<n>]")
-    return len(found)
+    template = "llava_v1_im_start_end" if {IM_START, IM_END} <= vocabulary.keys() else "llava_v1"
+    return len(found), template
 
 
 def convert_state(
@@ -231,9 +238,9 @@ def convert_official(
     folder = hf_folder(source)
     release_config = json.loads((folder / "config.json").read_text())
     state = read_release_weights(folder)
+    codebook_tokens, template = release_tokens(folder)
     model_config = release_model_config(
-        state, release_config, release_codebook_tokens(folder), vision_model, image_size,
-        image_pool_size, list(feature_layers),
+        state, release_config, codebook_tokens, vision_model, image_size, image_pool_size, list(feature_layers)
     )
     model_config["init_args"]["tokenizer"] = str(folder)
     task = instantiate_task(model_config)
@@ -241,7 +248,7 @@ def convert_official(
         state, task.state_dict(), folder_keys(task, model_config)
     )
     task.load_state_dict(converted, strict=False)
-    preprocess = Preprocess(image_size, DEFAULT_PIXEL_MEAN, DEFAULT_PIXEL_STD, "llava_v1")
+    preprocess = Preprocess(image_size, DEFAULT_PIXEL_MEAN, DEFAULT_PIXEL_STD, template)
     save_pretrained(task.eval(), destination, model_config, preprocess)
     report = {"source": str(folder), "mapped": mapped, "dropped": dropped, "zero_rows_added": added}
     (destination / "conversion.json").write_text(json.dumps(report, indent=1) + "\n")

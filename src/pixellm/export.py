@@ -60,7 +60,7 @@ class Preprocess:
         image_size: side S of the square model input.
         pixel_mean: RGB mean in 0-255 units.
         pixel_std: RGB standard deviation in 0-255 units.
-        template: conversation template name ("llava_v1" or "plain").
+        template: conversation template name (``pixellm.data.conversation.TEMPLATES``).
     """
 
     image_size: int

@@ -145,3 +145,9 @@ def test_llama_2_opens_every_turn_with_bos(tokenizer: PreTrainedTokenizerBase) -
     ids = encoded.input_ids
     assert ids.count(bos) == 2 and ids[0] == bos and ids[ids.index(eos) + 1] == bos
     assert [encoded.labels[i] for i, t in enumerate(ids) if t in (bos, eos)] == [IGNORE_INDEX, eos, IGNORE_INDEX, eos]
+
+
+def test_a_template_whose_tokens_the_tokenizer_lacks_is_refused(tokenizer: PreTrainedTokenizerBase) -> None:
+    """The release's <im_start>/<im_end> would otherwise become several ordinary tokens."""
+    with pytest.raises(ValueError, match=r"'llava_v1_im_start_end' needs the tokens \['<im_start>', '<im_end>'\]"):
+        TextEncoder(tokenizer, CODEBOOK, "llava_v1_im_start_end")

@@ -1,6 +1,6 @@
 """Conversation templates: how (question, answer) turns become the LLM's prompt and target text.
 
-Three templates exist, chosen by name:
+Four templates exist, chosen by name:
 
 - ``"llava_v1"`` (LLaVA v1 / Vicuna, the 7B base model): the system prompt, then
   `` USER: <image>\\n{question} ASSISTANT:``; later turns ``USER: {question} ASSISTANT:``.
@@ -9,6 +9,9 @@ Three templates exist, chosen by name:
   the begin-of-sequence token.
 - ``"plain"``: ``USER: <image>\\n{question} ASSISTANT:`` (no system prompt; used by the tiny
   shapes models, whose vocabulary is small).
+- ``"llava_v1_im_start_end"``: ``"llava_v1"`` with the image between ``<im_start>`` and ``<im_end>``,
+  as the released PixelLM trains and answers (its ``use_mm_start_end``, on by default, and its
+  tokenizer holds both as special tokens); for models converted from the release.
 
 A turn's prompt always ends right before its answer, so the text a model sees when it generates
 is exactly the prefix it was trained on. The answer follows (its ``{seg}`` placeholders replaced by
@@ -23,6 +26,7 @@ from dataclasses import dataclass
 from pixellm.tokenizer import IMAGE_TOKEN
 
 SEG_PLACEHOLDER = "{seg}"
+IM_START, IM_END = "<im_start>", "<im_end>"  # around the image in the release's prompts (LLaVA's names)
 
 LLAVA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -45,11 +49,14 @@ class ConversationTemplate:
         next_turn: Prompt of every later turn with ``{question}``.
         bos_each_turn: Whether every later turn starts with the begin-of-sequence token (Llama-2
             chat closes a turn with ``</s>`` and opens the next with ``<s>``).
+        special_tokens: Tokens of the template (besides the image token) that the tokenizer must
+            hold as single tokens.
     """
 
     first_turn: str
     next_turn: str
     bos_each_turn: bool = False
+    special_tokens: tuple[str, ...] = ()  # tokens of the text the tokenizer must hold as single tokens
 
 
 TEMPLATES: dict[str, ConversationTemplate] = {
@@ -65,6 +72,11 @@ TEMPLATES: dict[str, ConversationTemplate] = {
     "plain": ConversationTemplate(
         "USER: " + IMAGE_TOKEN + "\n{question} ASSISTANT:",
         "USER: {question} ASSISTANT:",
+    ),
+    "llava_v1_im_start_end": ConversationTemplate(
+        LLAVA_SYSTEM + " USER: " + IM_START + IMAGE_TOKEN + IM_END + "\n{question} ASSISTANT:",
+        "USER: {question} ASSISTANT:",
+        special_tokens=(IM_START, IM_END),
     ),
 }
 SHAPES_TEMPLATES = ("llava_v1", "plain")  # the templates the shapes tokenizer's vocabulary covers

@@ -36,7 +36,7 @@ class SampleDataModule(LightningDataModule):
         image_size: Side of the square model input in pixels (release: 448).
         pixel_mean: RGB mean in 0-255 units (release: ImageNet/SAM's).
         pixel_std: RGB standard deviation in 0-255 units.
-        template: Conversation template, "llava_v1", "llama_2" or "plain".
+        template: Conversation template, "llava_v1", "llama_2", "plain" or "llava_v1_im_start_end".
         max_length: Longest training sequence in LLM positions (release ``model_max_length``:
             512); longer ones are cut at the end, dropping the masks of targets whose codebook
             tokens are cut (see ``TextEncoder``).

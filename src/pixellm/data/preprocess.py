@@ -69,6 +69,12 @@ def neutralize_tokens(text: str, tokens: list[str]) -> str:
     return text
 
 
+def _single_token(tokenizer: transformers.PreTrainedTokenizerBase, text: str) -> bool:
+    """Whether the tokenizer holds ``text`` as one known token."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return len(ids) == 1 and ids[0] != tokenizer.unk_token_id
+
+
 @dataclass(frozen=True)
 class EncodedText:
     """Token ids of one conversation: ``[bos] + turn prompts and answers, each answer + [eos]``.
@@ -130,6 +136,9 @@ class TextEncoder:
                 f"need image_length >= 1 and max_length > image_length, got {image_length} and {max_length}"
             )
         self.template = get_template(template)  # fails early on an unknown template name
+        lacking = [t for t in self.template.special_tokens if not _single_token(tokenizer, t)]
+        if lacking:
+            raise ValueError(f"the template {template!r} needs the tokens {lacking}, which the tokenizer does not hold")
         self.template_name = template
         self.tokenizer = tokenizer
         self.codebook_tokens = list(codebook_tokens)
