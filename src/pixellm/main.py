@@ -43,22 +43,25 @@ TOOLS = {
 }
 FOLDER_PREDICT = "pixellm.inference.commands:predict_command"
 FOLDER_PREDICT_FLAGS = ("--image", "--jsonl")
+LIGHTNING_PREDICT_PREFIXES = ("--data", "--trainer", "--ckpt_path", "--seed_everything")  # LightningCLI's options
 
 
 def tool_for(args: list[str]) -> str | None:
     """The ``module:function`` that handles ``args``, or None for LightningCLI.
 
     ``predict`` belongs to LightningCLI unless it is given ``--image`` or ``--jsonl`` (inputs of an
-    exported folder), or an exported folder as ``--model`` and no ``--config`` (so that the folder tool, not
-    LightningCLI, says what is missing); ``predict --config DATA --model DIR`` stays LightningCLI's.
+    exported folder), or an exported folder as ``--model`` and none of LightningCLI's own options (so
+    that the folder tool, not LightningCLI, says what is missing); ``predict --config DATA --model DIR``
+    (or ``-c``, ``--data ...``, ``--trainer ...``) stays LightningCLI's.
     """
     if not args:
         return None
     if args[0] == "predict":
         from pixellm.pretrained_cli import model_folder  # late import: it imports this module
 
-        flags = [a.split("=")[0] for a in args[1:]]
-        if any(f in FOLDER_PREDICT_FLAGS for f in flags) or ("--config" not in flags and model_folder(args[1:])):
+        flags = [a.split("=")[0] for a in args[1:] if a.startswith("-")]
+        lightning = any(f in ("-c", "--config") or f.startswith(LIGHTNING_PREDICT_PREFIXES) for f in flags)
+        if any(f in FOLDER_PREDICT_FLAGS for f in flags) or (not lightning and model_folder(args[1:])):
             return FOLDER_PREDICT
     return TOOLS.get(args[0])
 

@@ -107,6 +107,8 @@ class PixelLMTask(LightningModule):
         self.match_cost = match_cost
         self.nonfinite = NonFiniteLossGuard(max_nonfinite_steps)
         self.mask_image_padding = mask_image_padding
+        # read by DistributedDataParallel: trainable parameters that never get a gradient, which it would refuse
+        self._ddp_params_and_buffers_to_ignore = [f"vision.{name}" for name in vision.unused_parameters]
         self.tokenizer = load_tokenizer(tokenizer, codebook.tokens)
         self.codebook.bind(self.tokenizer.convert_tokens_to_ids(codebook.tokens))
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)

@@ -174,7 +174,9 @@ def test_predict_with_a_config_stays_lightnings_and_tools_are_found_by_name(expo
     assert tool_for(["predict", "--model", "pixellm.task.PixelLMTask"]) is None
     for model in (["--model", str(exported_tiny)], [f"--model={exported_tiny}"]):  # the folder tool says what is missing
         assert tool_for(["predict", *model, "--question", "q?"]) == "pixellm.inference.commands:predict_command"
-        assert tool_for(["predict", "--config", "c.yaml", *model]) is None
+        for lightning in (["--config", "c.yaml"], ["-c", "c.yaml"], ["--data", "d.yaml"], ["--data.init_args.x=1"],
+                          ["--trainer.devices=1"]):
+            assert tool_for(["predict", *lightning, *model]) is None
     assert tool_for(["predict", "--model", str(exported_tiny), "--jsonl", "q.jsonl"]) == "pixellm.inference.commands:predict_command"
     assert model_folder(["validate", "--config", "c.yaml", f"--model={exported_tiny}"]) == (exported_tiny, 3)
     assert model_folder(["validate", "--model", "pixellm.task.PixelLMTask"]) is None

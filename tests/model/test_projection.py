@@ -86,7 +86,7 @@ def test_the_kept_product_follows_new_weights():
         proj.load_state_dict(release_sized(seed=1).state_dict())  # copied in place: a new version of each weight
         loaded = proj(maps)[0]
         proj.mlp[2].weight.data.mul_(2)  # invisible to autograd's version counter ...
-        proj.train().eval()  # ... so seen after the mode is set, as Lightning does around every evaluation
+        proj.eval()  # ... so seen after eval(), which Lightning calls at the start of every evaluation
         doubled = proj(maps)[0]
     assert not torch.allclose(before, loaded)
     assert torch.allclose(loaded, layer_by_layer(release_sized(seed=1), maps[0]), rtol=1e-10, atol=1e-10)
@@ -94,13 +94,27 @@ def test_the_kept_product_follows_new_weights():
     assert not torch.allclose(doubled, loaded)
 
 
-def test_nothing_is_kept_in_training_mode():
-    proj, maps = release_sized().train(), [torch.randn(1, 5, 4, 4, dtype=torch.float64)]
+def test_nothing_kept_is_used_in_training_mode():
+    """Lightning restores training mode after an evaluation by setting ``training``, not by ``train()``."""
+    proj, maps = release_sized().eval(), [torch.randn(1, 5, 4, 4, dtype=torch.float64)]
     with torch.no_grad():
-        proj(maps)
+        proj(maps)  # an evaluation keeps the product
+        for module in proj.modules():
+            module.training = True  # as lightning's _ModuleMode.restore does
         proj.mlp[2].weight.data.mul_(2)  # a fused optimizer step does not count as a new version either
-        out = proj(maps)[0]
-    assert torch.allclose(out, layer_by_layer(proj, maps[0]), rtol=1e-10, atol=1e-10)
+        out, expected = proj(maps)[0], layer_by_layer(proj, maps[0])
+        proj.eval()
+        proj.mlp[2].weight.data.mul_(2)
+        later = proj(maps)[0]  # the next evaluation starts with eval(): formed anew
+        expected_later = layer_by_layer(proj, maps[0])
+    proj(maps)  # a forward with gradients, in eval mode (a module trained in eval mode) ...
+    with torch.no_grad():
+        proj.mlp[2].weight.data.mul_(2)  # ... and its optimizer step
+        last = proj(maps)[0]
+        expected_last = layer_by_layer(proj, maps[0])
+    assert torch.allclose(out, expected, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(later, expected_later, rtol=1e-10, atol=1e-10)
+    assert torch.allclose(last, expected_last, rtol=1e-10, atol=1e-10)
 
 
 def test_a_product_formed_under_autocast_is_not_reused_without_it():

@@ -7,12 +7,13 @@ neck Conv1x1(E -> D, no bias) -> LayerNorm2d -> Conv3x3(D -> D, no bias) -> Laye
 Linear(M, E) and Conv1x1(E -> D) are two linear maps in a row, so at inference (no gradient) they
 are applied as their product, one (D, M) matrix, whenever that needs fewer multiply-adds: at the
 release's sizes (M = 8192, E = 4096, D = 256 for 7B) that cuts the projection's FLOPs by 2/3. In eval
-mode the product is formed once and kept until the module's mode is next set (``train()`` or
-``eval()``, which Lightning calls around every evaluation) or its weights are replaced or changed
-through autograd-visible ops (``load_state_dict`` included); weights changed in place in eval mode
-without either (a fused optimizer step, ``.data`` writes) need a ``train()``/``eval()`` call to be
-seen. The parameters are those of the release, so its weights load unchanged; the output is the same
-up to rounding. Training keeps the layer-by-layer order. Its gradients are the same up to rounding, but the
+mode the product is formed once and kept until ``eval()`` or ``train()`` is next called (Lightning
+calls ``eval()`` at the start of every evaluation) or its weights are replaced or changed through
+autograd-visible ops (``load_state_dict`` included); a forward in training mode or with gradients
+drops it, as weights then change by optimizer steps that such checks cannot see (fused AdamW,
+``.data`` writes): it lives across consecutive no-gradient calls in eval mode only.
+The parameters are those of the release, so its weights load unchanged; the output is the same up
+to rounding. Training keeps the layer-by-layer order. Its gradients are the same up to rounding, but the
 default config's quick start trained through the product ended at val gIoU 58.9 and 56.0 (seeds 0, 1)
 against 61.7-64.1 for three layer-by-layer runs; rounding alone moves that run by several points, so
 this is not conclusive, and we keep the release's order where it cannot cost a result.
@@ -69,6 +70,8 @@ class VisionDecoderProjection(nn.Module):
         tokens of all maps (hence one call for all scales); else one after the other (module docstring).
         """
         linear, pointwise = self.mlp[2], self.neck[0].weight.flatten(1)  # Linear(M, E); (D, E)
+        if self.training or torch.is_grad_enabled():
+            self._product = None  # the weights may change from here on (module docstring)
         if torch.is_grad_enabled():
             return [F.linear(linear(x), pointwise) for x in hidden]
         (dim, embed), mlp = pointwise.shape, linear.in_features
@@ -79,9 +82,7 @@ class VisionDecoderProjection(nn.Module):
         forming = 0 if kept else dim * embed * mlp
         if forming + tokens * mlp * dim >= tokens * (mlp * embed + embed * dim):
             return [F.linear(linear(x), pointwise) for x in hidden]
-        if not kept:
-            product = (identity, pointwise @ linear.weight, pointwise @ linear.bias)  # (D, M), (D,)
-            if self.training:
-                return [F.linear(x, *product[1:]) for x in hidden]
+        product = self._product if kept else (identity, pointwise @ linear.weight, pointwise @ linear.bias)  # (D, M), (D,)
+        if not self.training:
             self._product = product
-        return [F.linear(x, *self._product[1:]) for x in hidden]
+        return [F.linear(x, *product[1:]) for x in hidden]

@@ -34,6 +34,8 @@ class VisionEncoder(nn.Module, abc.ABC):
         image_size: S, the expected square input side in pixels.
         grid_size: h == w of the returned maps.
         trainable: whether the encoder's weights are trained.
+        unused_parameters: names (in this module) of parameters that never reach the returned maps,
+            so never get a gradient; distributed training is told to ignore them.
     """
 
     out_channels: int
@@ -41,6 +43,7 @@ class VisionEncoder(nn.Module, abc.ABC):
     image_size: int
     grid_size: int
     trainable: bool
+    unused_parameters: tuple[str, ...] = ()
 
     @abc.abstractmethod
     def forward(self, pixel_values: Tensor, resized_sizes: Tensor | None = None) -> list[Tensor]:
@@ -176,7 +179,7 @@ class CLIPVisionEncoder(VisionEncoder):
     Encoder layers deeper than the deepest requested hidden state are dropped at construction
     (they cannot change the returned maps); `model.config.num_hidden_layers` is updated to match.
     The final `post_layernorm` only touches the pooled class token, which no scale uses: it is kept (so
-    checkpoints load) but frozen, as it never gets a gradient (DDP would stop on an unused parameter).
+    checkpoints load) and listed in `unused_parameters`, as it never gets a gradient.
 
     Args:
         pretrained: local directory holding a `save_pretrained` CLIP checkpoint (a
@@ -239,7 +242,7 @@ class CLIPVisionEncoder(VisionEncoder):
         self.num_scales = len(self.layers)
         self.trainable = trainable
         self._freeze_unless_trainable()
-        model.post_layernorm.requires_grad_(False)  # the pooled class token only (class docstring)
+        self.unused_parameters = ("model.post_layernorm.weight", "model.post_layernorm.bias")  # class token only
 
     def forward(self, pixel_values: Tensor, resized_sizes: Tensor | None = None) -> list[Tensor]:
         """pixel_values (B, 3, S, S) -> L maps (B, C, h, w), patch tokens only, row-major.
