@@ -127,3 +127,22 @@ def test_codebook_strings_spelled_by_ordinary_pieces_are_not_targets(tmp_path):
     assert text.replace("[ SEG", "[SEG") == tokenizer.decode(ids)  # the same text otherwise, spacing included
     plain = words(["▁the", "▁cat"]) + code + words(["."])
     assert decode_answer(tokenizer, plain, code) == tokenizer.decode(plain)
+
+
+def test_runs_that_read_differently_in_context_are_decoded_apart():
+    """When the ordinary runs, decoded alone, do not add up to the text's codebook strings, the answer is
+    rebuilt run by run: ordinary runs neutralised, codebook ids as they are."""
+    from pixellm.reliability.codebook_groups import decode_answer
+
+    class ContextTokenizer:  # decodes a whole answer with a clean-up that a run alone does not get
+        pieces = {0: "[SEG0]", 1: "[SE", 2: "G0]", 3: " x"}
+
+        def decode(self, ids):
+            text = "".join(self.pieces[i] for i in ids)
+            return text.replace("[SEG0] x[", "[SE G0] x[") if len(ids) > 3 else text  # 1 string fewer in context
+
+        def convert_ids_to_tokens(self, ids):
+            return [self.pieces[i] for i in ids]
+
+    ids = [1, 2, 3, 0, 3]  # spelled "[SEG0]", " x", the codebook id, " x"
+    assert decode_answer(ContextTokenizer(), ids, [0]) == "[ SEG0] x[SEG0] x"
