@@ -11,7 +11,7 @@ import numpy as np
 from pycocotools.coco import COCO
 
 from pixellm.data.errors import DataError
-from pixellm.data.loading import read_json
+from pixellm.data.loading import is_positive_int, read_json
 from pixellm.data.segmentation import decode_segmentation
 
 REQUIRED_KEYS = {
@@ -49,9 +49,8 @@ def load_coco(path: str | Path, categories: bool = False) -> COCO:
             if missing:
                 raise ValueError(f"{path}: {section}[{index}]: field {missing[0]!r}: missing")
             for key in SIZE_KEYS if section == "images" else ():
-                size = entry[key]
-                if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-                    raise ValueError(f"{path}: images[{index}]: field {key!r}: expected a positive integer, got {size!r}")
+                if not is_positive_int(entry[key]):
+                    raise ValueError(f"{path}: images[{index}]: field {key!r}: expected a positive integer, got {entry[key]!r}")
     coco = COCO()
     coco.dataset = data
     with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints progress

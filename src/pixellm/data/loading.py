@@ -1,8 +1,9 @@
-"""Small helpers shared by the dataset readers: JSON files, confined images, seeded choices."""
+"""Small helpers shared by the dataset readers: JSON files and values, confined images, seeded choices."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,16 @@ from PIL import Image
 
 from pixellm.data.errors import DataError
 from pixellm.data.images import confined_path, open_rgb
+
+
+def is_number(value: Any) -> bool:
+    """Whether a JSON value is a finite number (not a boolean, not NaN or Infinity, which JSON parsing accepts)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def is_positive_int(value: Any) -> bool:
+    """Whether a JSON value is an integer >= 1 (not a boolean)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def read_json(path: str | Path, encodings: tuple[str, ...] = ("utf-8",)) -> Any:

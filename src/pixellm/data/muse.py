@@ -13,7 +13,6 @@ counts them.
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path, PurePosixPath
@@ -26,6 +25,7 @@ from torch.utils.data import Dataset
 from pixellm.data.conversation import SEG_PLACEHOLDER
 from pixellm.data.errors import DataError
 from pixellm.data.images import EXIF_ORIENTATION_KEY, confined_path, open_rgb
+from pixellm.data.loading import is_number, is_positive_int
 from pixellm.data.sample import Sample
 from pixellm.data.segmentation import decode_segmentation
 
@@ -54,15 +54,6 @@ def fallback_answer(annotations: list[dict[str, Any]]) -> str:
     return _join_names(names)
 
 
-def _is_box(value: Any) -> bool:
-    """Whether ``value`` is a list of four finite numbers (not booleans)."""
-    return (
-        isinstance(value, (list, tuple))
-        and len(value) == 4
-        and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
-    )
-
-
 def target_description(annotation: dict[str, Any], mask: np.ndarray) -> dict[str, Any]:
     """``{"description", "bbox"}`` of one target: its name and [x0, y0, x1, y1] box.
 
@@ -70,7 +61,7 @@ def target_description(annotation: dict[str, Any], mask: np.ndarray) -> dict[str
     """
     name = str(annotation.get("rephrased_name") or annotation.get("category_name") or "object")
     bbox = annotation.get("bbox")
-    if _is_box(bbox):
+    if isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(is_number(v) for v in bbox):
         x, y, w, h = (float(v) for v in bbox)
         box = [x, y, x + w, y + h]
     else:
@@ -179,7 +170,7 @@ class MuseDataset(Dataset[Sample]):
             if field not in record:
                 raise self._error(index, field, "missing")
         for field in ("height", "width"):
-            if not isinstance(record[field], int) or isinstance(record[field], bool) or record[field] < 1:
+            if not is_positive_int(record[field]):
                 raise self._error(index, field, f"expected a positive integer, got {record[field]!r}")
         questions, answers = record["questions"], record["answers"]
         if not isinstance(questions, list) or not all(isinstance(q, str) for q in questions):

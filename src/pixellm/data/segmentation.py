@@ -17,27 +17,23 @@ is a :class:`~pixellm.data.errors.DataError` (the caller adds file, record and f
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 from pycocotools import mask as mask_utils
 
 from pixellm.data.errors import DataError
+from pixellm.data.loading import is_number
 
 POLYGON_MARGIN = 1.0  # pixels a polygon point may lie outside the image (rounding of annotators)
 RLE_CHAR_MIN, RLE_CHAR_MAX = 48, 48 + 63  # the alphabet of COCO's compressed RLE strings
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _check_polygons(segmentation: list, height: int, width: int) -> list[list[float]]:
     """The polygons as lists of floats, checked (see the module docstring)."""
     polygons = []
     for p, polygon in enumerate(segmentation):
-        if not isinstance(polygon, list) or not all(_is_number(v) for v in polygon):
+        if not isinstance(polygon, list) or not all(is_number(v) for v in polygon):
             raise DataError(f"polygon {p} is not a list of finite numbers")
         if len(polygon) % 2:
             raise DataError(f"polygon {p} has an odd number ({len(polygon)}) of coordinates")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import time
@@ -20,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pixellm.data.datamodule import default_cache_dir
+from pixellm.data.loading import is_number
 
 MAX_SCORE = 10  # judge scores are 1..10; an unmatched target scores 0
 RETRIED_HTTP_CODES = (429, 500, 502, 503, 504)
@@ -91,8 +91,7 @@ def parse_scores(reply: str, count: int) -> list[int] | None:
             values = json.loads(candidate)
         except json.JSONDecodeError:
             continue
-        numbers = all(isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) for v in values)
-        if len(values) == count and numbers:
+        if len(values) == count and all(is_number(v) for v in values):
             return [min(MAX_SCORE, max(1, round(v))) for v in values]
     return None
 
