@@ -16,9 +16,10 @@ KEY_ENV = "PIXELLM_TEST_JUDGE_KEY"
 class FakeChatServer:
     """Answers POST /v1/chat/completions; the first ``failures`` requests get HTTP 503."""
 
-    def __init__(self, reply: str, failures: int = 0) -> None:
+    def __init__(self, reply: str | None, failures: int = 0, bodies: list[bytes] = ()) -> None:
         self.requests: list[dict] = []
         self.reply, self.failures = reply, failures
+        self.bodies = list(bodies)  # 200 replies sent first, as they are
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -32,7 +33,7 @@ class FakeChatServer:
                     self.wfile.write(b"overloaded")
                     return
                 payload = {"choices": [{"message": {"role": "assistant", "content": server.reply}}]}
-                data = json.dumps(payload).encode()
+                data = server.bodies.pop(0) if server.bodies else json.dumps(payload).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
@@ -116,7 +117,42 @@ def test_unparseable_reply_scores_zero_and_is_flagged(tmp_path, monkeypatch):
     assert verdict.scores == [0] and not verdict.parsed
 
 
+def test_a_reply_that_is_not_a_chat_completion_is_retried(tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+    bodies = [b'{"error": {"message": "rate limited"}}', b"<html>proxy</html>", b'{"choices": []}']
+    fake = FakeChatServer("[6]", bodies=bodies)
+    try:
+        verdict = make_judge(fake, tmp_path).judge("q", "a (x [0,0,1,1])", [True])
+        assert verdict.scores == [6] and verdict.parsed and len(fake.requests) == 4
+        fake.bodies = bodies * 2  # more malformed replies than retries: the documented error, nothing cached
+        with pytest.raises(RuntimeError, match=r"failed: malformed reply: not a chat completion"):
+            make_judge(fake, tmp_path / "other").judge("q", "a (x [0,0,1,1])", [True])
+        assert not (tmp_path / "other" / "cache").exists()
+    finally:
+        fake.close()
+
+
+def test_a_refusal_scores_zero_is_flagged_and_cached_as_text(tmp_path, monkeypatch):
+    monkeypatch.setenv(KEY_ENV, "sk-test")
+    fake = FakeChatServer(None)  # content: null, as a refusal
+    try:
+        verdict = make_judge(fake, tmp_path).judge("q", "a (x [0,0,1,1])", [True])
+        assert verdict.scores == [0] and not verdict.parsed and verdict.reply == ""
+        again = make_judge(fake, tmp_path).judge("q", "a (x [0,0,1,1])", [True])
+        assert again == verdict and len(fake.requests) == 1  # answered from the cache
+        (cached,) = (tmp_path / "cache").glob("*.json")
+        cached.write_text(json.dumps({"reply": None}))  # an earlier version's cache entry
+        fake.reply = "[4]"
+        assert make_judge(fake, tmp_path).judge("q", "a (x [0,0,1,1])", [True]).scores == [4]
+        assert len(fake.requests) == 2  # that entry is asked again
+    finally:
+        fake.close()
+
+
 def test_parse_scores_and_iou_only_judge():
+    # a reply that quotes references: their boxes are not the scores of a 4-target answer
+    assert parse_scores("1. (a dog [10,20,30,40]) -> 2\nScores: [2, 3, 1, 2]", 4) == [2, 3, 1, 2]
+    assert parse_scores("(None []) (a cat [1, 2, 3, 4]) [9, 8, 7, 6]", 4) == [9, 8, 7, 6]
     assert parse_scores("```json\n[10, 0.4, 12]\n```", 3) == [10, 1, 10]
     assert parse_scores("[1, 2] then [3, 4, 5]", 3) == [3, 4, 5]
     assert parse_scores("[1, 2]", 3) is None

@@ -82,6 +82,10 @@ def test_bce_dice_cost_prefers_the_overlapping_target_and_matches_its_formula():
     assert pairs.gt_index.tolist() == [1, 0]
     with pytest.raises(ValueError, match="needs mask logits"):
         match_batch([logits > 0], [truth], cost="bce_dice")
+    broken = torch.cat([-logits, logits])
+    broken[1, 0, 3] = float("nan")  # one NaN pixel: prediction 1 costs the most everywhere, not an error
+    (pairs,) = match_batch([broken], [truth], cost="bce_dice")
+    assert pairs.gt_index.tolist() == [1, 0] and pairs.intersection.tolist() == [2.0, 2.0]
 
 
 def test_text_order_pairs_and_concatenate():

@@ -83,10 +83,17 @@ def judge_prompt(question: str, rewritten_answer: str, num_targets: int) -> str:
     )
 
 
+REFERENCE_SPAN = re.compile(r"\([^()\[\]]*\[[^\[\]]*\]\s*\)")  # "(a grey cat [1,2,3,4])", "(None [])"
+
+
 def parse_scores(reply: str, count: int) -> list[int] | None:
-    """The first JSON list of ``count`` finite numbers (not booleans) in ``reply``, rounded and clipped
-    to 1..10; else None (``NaN`` and ``Infinity``, which JSON parsing accepts, are not scores)."""
-    for candidate in re.findall(r"\[[^\[\]]*\]", reply):
+    """The first JSON list of ``count`` finite numbers (not booleans) in ``reply`` outside the quoted
+    "(description [x0,y0,x1,y1])" references, rounded and clipped to 1..10; else None.
+
+    A reply that quotes a reference before its scores would otherwise give the box as the scores of
+    a 4-target answer. ``NaN`` and ``Infinity``, which JSON parsing accepts, are not scores.
+    """
+    for candidate in re.findall(r"\[[^\[\]]*\]", REFERENCE_SPAN.sub(" ", reply)):
         try:
             values = json.loads(candidate)
         except json.JSONDecodeError:
@@ -94,6 +101,24 @@ def parse_scores(reply: str, count: int) -> list[int] | None:
         if len(values) == count and all(is_number(v) for v in values):
             return [min(MAX_SCORE, max(1, round(v))) for v in values]
     return None
+
+
+def reply_text(payload: object) -> str:
+    """The text of a ``/chat/completions`` reply; "" for a reply without text (a refusal).
+
+    Raises:
+        ValueError: the payload is not a chat completion (an error body, no choices).
+    """
+    try:
+        message = payload["choices"][0]["message"]  # type: ignore[index]
+        content = message["content"]
+    except (KeyError, IndexError, TypeError) as error:
+        raise ValueError(f"not a chat completion: {json.dumps(payload)[:300]}") from error
+    if content is None:
+        return ""
+    if not isinstance(content, str):
+        raise ValueError(f"the reply's content is not text: {json.dumps(content)[:300]}")
+    return content
 
 
 class OpenAICompatibleJudge(AnswerJudge):
@@ -108,7 +133,9 @@ class OpenAICompatibleJudge(AnswerJudge):
             "https://api.openai.com/v1".
         api_key_env: name of the environment variable that holds the API key.
         cache_dir: reply cache folder; default ``<PIXELLM_CACHE or ~/.cache/pixellm>/judge``.
-        max_retries: retries after a 429/5xx reply or a connection error.
+        max_retries: retries after a 429/5xx reply, a connection error or a reply that is not a chat
+            completion (an error body with status 200, no choices, not JSON). A reply without text
+            (a refusal, ``content: null``) is a reply without scores, not an error.
         backoff_s: first retry delay in seconds, doubled at each retry.
         timeout_s: per-request timeout in seconds.
     """
@@ -154,7 +181,9 @@ class OpenAICompatibleJudge(AnswerJudge):
         """The model's reply to ``prompt``: from the cache, else from the endpoint (then cached)."""
         path = self._cache_path(prompt)
         if path.exists():
-            return json.loads(path.read_text())["reply"]
+            cached = json.loads(path.read_text()).get("reply")
+            if isinstance(cached, str):  # earlier versions could cache a refusal's null: asked again
+                return cached
         reply = self._request(prompt)
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -177,8 +206,9 @@ class OpenAICompatibleJudge(AnswerJudge):
             request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
             try:
                 with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                    payload = json.loads(response.read())
-                return payload["choices"][0]["message"]["content"]
+                    return reply_text(json.loads(response.read()))
+            except ValueError as error:  # a body that is not a chat completion (JSONDecodeError included)
+                failure = f"malformed reply: {error}"
             except urllib.error.HTTPError as error:
                 detail = error.read()[:300].decode(errors="replace")
                 failure = f"HTTP {error.code}: {detail}"

@@ -24,6 +24,7 @@ from pixellm.metrics.iou import intersection_union, mask_iou
 
 MatchCost = Literal["iou", "bce_dice"]
 MATCH_COSTS = ("iou", "bce_dice")
+WORST_COST = 1e9  # the "bce_dice" cost of a pair whose prediction holds a non-finite logit
 
 
 @dataclass(frozen=True)
@@ -354,7 +355,10 @@ def match_batch(
         flat = 1 - np.where(union == 0, 1.0, inter / (union + 1e-5))  # (pairs,) 1 - mask_iou, in float64
         costs = [counts.matrix(flat, b) for b in range(len(logits))]
     else:
-        costs = [bce_dice_cost(x, truth, ignore_index).detach().cpu().numpy() for x, truth in zip(logits, targets, strict=True)]
+        costs = [
+            np.nan_to_num(bce_dice_cost(x, truth, ignore_index).detach().cpu().numpy(), nan=WORST_COST, posinf=WORST_COST)
+            for x, truth in zip(logits, targets, strict=True)
+        ]  # a pair with a non-finite logit costs the most (scipy refuses NaN); its I and U still count
     return _assign(counts, costs)
 
 

@@ -1,13 +1,17 @@
 """gIoU and cIoU of predicted masks paired with ground truth (Sec. 4.3, 5.2).
 
-Definitions (as the released evaluation), over the (prediction, ground truth) pairs of a split:
+Definitions (as the released evaluation, but per question: see below), over the (prediction, ground
+truth) pairs of a split:
 - per-pair IoU = I / (U + 1e-5), and 1 when prediction and ground truth are both empty;
 - per-pair score = s * IoU, where s = judge / 10 in the MUSE protocol and s = 1 otherwise, and 0 for an unassigned pair (Sec. 4.3);
 - **gIoU** = sum of per-pair scores / number of pairs (the mean over masks, not images);
 - **cIoU** = sum of s * I / sum of U over the split.
 Pairs are in text order (teacher forcing), or from Hungarian matching, where a question with P
 predictions and G ground truths gives max(P, G) pairs (unmatched ones against an empty mask), so
-its score is normalised by max(P, G). Pixels equal to ``ignore_index`` in the ground truth count
+its score is normalised by max(P, G) (the paper's "for each question", Sec. 4.3; the release's
+MUSE evaluation reads a whole image record, all its questions, as one sample and normalises by
+max(sum P, sum G) over the record, which differs when one question over-predicts and another
+under-predicts; cIoU is the same either way). Pixels equal to ``ignore_index`` in the ground truth count
 in neither I nor U. Each score is also kept for the questions with few targets (G <= 3, MUSE
 ``test_less``) and many targets (G > 3, MUSE ``test_many``), as the paper's Table 1.
 """
