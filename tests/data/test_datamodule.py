@@ -116,6 +116,11 @@ def test_muse_module_options_reach_the_loaders(tmp_path: Path) -> None:
     assert batch["input_ids"].shape[1] <= 20 - 3  # the image takes 4 of the 20 positions
     codebook = torch.tensor(dm.tokenizer.convert_tokens_to_ids(codebook_token_strings(2, 3)))
     assert torch.isin(batch["labels"], codebook).sum(1).tolist() == [6 * m.shape[0] for m in batch["masks"]]
+    dm.setup("validate")  # evaluation is never cut: every ground-truth target keeps its codebook tokens
+    batch = next(iter(dm.val_dataloader()))
+    assert torch.isin(batch["labels"], codebook).sum(1).tolist() == [6 * m.shape[0] for m in batch["masks"]]
+    assert [m.shape[0] for m in batch["masks"]] == [dm.val_set[i].masks.shape[0] for i in range(len(batch["masks"]))]
+    assert batch["input_ids"].shape[1] > 20 - 3
     with pytest.raises(ValueError, match="unknown conversation template"):
         MuseDataModule(shapes.train_json, shapes.val_json, shapes.image_root, tokenizer="shapes", template="vicuna")
 

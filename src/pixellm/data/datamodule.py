@@ -39,7 +39,8 @@ class SampleDataModule(LightningDataModule):
         template: Conversation template, "llava_v1", "llama_2", "plain" or "llava_v1_im_start_end".
         max_length: Longest training sequence in LLM positions (release ``model_max_length``:
             512); longer ones are cut at the end, dropping the masks of targets whose codebook
-            tokens are cut (see ``TextEncoder``).
+            tokens are cut (see ``TextEncoder``). Evaluation never truncates (as the release's
+            inference), so every ground-truth target is scored.
         image_length: LLM positions the image occupies (release: 256 image tokens); 1 counts it
             as one token.
         batch_size: Training batch size (questions per step per device).
@@ -79,8 +80,8 @@ class SampleDataModule(LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.collator("train")  # fail at construction on a bad template or tokenizer
 
-    def collator(self, mode: CollateMode) -> MuseCollator:
-        """The collate function for ``mode`` ("train" or "generate")."""
+    def collator(self, mode: CollateMode, truncate: bool = True) -> MuseCollator:
+        """The collate function for ``mode`` ("train" or "generate"), cut at ``max_length`` if ``truncate``."""
         return MuseCollator(
             self.tokenizer,
             self.codebook_tokens,
@@ -89,7 +90,7 @@ class SampleDataModule(LightningDataModule):
             self.pixel_mean,
             self.pixel_std,
             mode,
-            self.max_length,
+            self.max_length if truncate else None,
             self.image_length,
         )
 
@@ -101,10 +102,11 @@ class SampleDataModule(LightningDataModule):
         shuffle: bool = False,
         sampler: Sampler[int] | None = None,
         drop_last: bool | None = None,
+        truncate: bool = True,
     ) -> DataLoader:
         """A DataLoader over ``dataset`` collated in ``mode``; ``shuffle`` is seeded by ``seed``,
         ``sampler`` (if given) fixes the order instead; both drop the last incomplete batch unless
-        ``drop_last`` says otherwise.
+        ``drop_last`` says otherwise; ``truncate``: cut sequences at ``max_length``.
 
         Raises:
             RuntimeError: If ``dataset`` is None (``setup`` was not called).
@@ -123,13 +125,14 @@ class SampleDataModule(LightningDataModule):
             drop_last=(shuffle or sampler is not None) if drop_last is None else drop_last,
             generator=generator,
             num_workers=self.num_workers,
-            collate_fn=SkipFilteringCollate(self.collator(mode)),
+            collate_fn=SkipFilteringCollate(self.collator(mode, truncate)),
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
         )
 
     def eval_loader(self, dataset: Dataset | None, mode: CollateMode) -> DataLoader:
-        """Evaluation batches of ``val_batch_size`` in dataset order, every sample scored once.
+        """Evaluation batches of ``val_batch_size`` in dataset order, every sample scored once and
+        never truncated (a cut target would go unscored).
 
         With several processes, each takes every world-size-th sample, and all run the same number
         of batches (collectives in every forward, e.g. FSDP's, need that): the last ones are evened
@@ -139,7 +142,7 @@ class SampleDataModule(LightningDataModule):
         if dataset is not None and self.trainer is not None and self.trainer.world_size > 1:
             sampler = MarkedRepeatSampler(len(dataset), self.trainer.world_size, self.trainer.global_rank)
             dataset = MarkRepeats(dataset)
-        return self.loader(dataset, self.val_batch_size, mode, sampler=sampler, drop_last=False)
+        return self.loader(dataset, self.val_batch_size, mode, sampler=sampler, drop_last=False, truncate=False)
 
 
 class MuseDataModule(SampleDataModule):
