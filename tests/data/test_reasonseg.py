@@ -85,9 +85,12 @@ def test_training_items_are_every_query_with_seeded_templates(reason_seg: Path) 
     assert "cup" in data[1].question and data[1].answer in ANSWERS
     assert torch.equal(data[1].masks, _expected_a())  # every query asks for the same mask
     sentence = data[2].question
-    assert sentence in {
-        t.replace("{sent}", "What would you use to cut bread?") for t in LONG_QUESTIONS
-    }
+    long_questions = {t.replace("{sent}", "What would you use to cut bread?") for t in LONG_QUESTIONS}
+    assert sentence in long_questions
+    # drawn anew each epoch (the mixture's EpochConcatDataset reads draw), epoch 0 being dataset[i]
+    assert data.draw(2, 0).question == sentence
+    drawn = {(data.draw(2, epoch).question, data.draw(2, epoch).answer) for epoch in range(12)}
+    assert {q for q, _ in drawn} == long_questions and len(drawn) > 3
 
 
 def test_cp1252_files_are_read_as_lisa_does(reason_seg: Path) -> None:

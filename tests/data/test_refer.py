@@ -145,6 +145,10 @@ def test_training_templates_are_seeded_per_item(refcoco: Path) -> None:
     allowed = {t.replace("{class_name}", "the box on the left") for t in SHORT_QUESTIONS}
     assert questions <= allowed and len(questions) > 1
     assert one[0].answer in ANSWERS
+    # drawn anew each epoch (the mixture's EpochConcatDataset reads draw), epoch 0 being dataset[i]
+    assert (one.draw(1, 0).question, one.draw(1, 0).answer) == (one[1].question, one[1].answer)
+    assert len({(one.draw(1, epoch).question, one.draw(1, epoch).answer) for epoch in range(10)}) > 3
+    assert {one.draw(1, epoch).question for epoch in range(10)} <= allowed
 
 
 def test_multi_referring_evaluation_cycles_six_five_four(refcoco: Path) -> None:

@@ -148,10 +148,11 @@ class EpochConcatDataset(ConcatDataset):
     """The concatenation of the training datasets, read by ``MixtureSampler``'s keys
     ``epoch * len(self) + index``.
 
-    A dataset with a ``draw(index, epoch)`` method (``MultiReferDataset`` and the semantic
-    segmentation sets, which deal an image's targets into questions) makes item ``index`` anew for
-    each epoch, as the release re-draws at every read, so an image's targets beyond one deal are
-    trained on in later epochs; any other dataset is read as ``dataset[index]``.
+    A dataset with a ``draw(index, epoch)`` method makes item ``index`` anew for each epoch, as the
+    release re-draws at every read: ``MultiReferDataset`` and the semantic segmentation sets deal an
+    image's targets into questions, so its targets beyond one deal are trained on in later epochs, and
+    they, ``ReferDataset`` and ``ReasonSegDataset`` draw their templates anew; any other dataset is read
+    as ``dataset[index]``.
     """
 
     def __getitem__(self, key: int) -> Sample:

@@ -79,7 +79,7 @@ def reasonseg_mask(shapes: list[Any], height: int, width: int, where: str) -> np
 class ReasonSegDataset(Dataset[Sample]):
     """ReasonSeg queries with the one mask of their image.
 
-    Training items are every (image, query) pair, with a template drawn from ``(seed, index)``:
+    Training items are every (image, query) pair, with a template drawn from ``(seed, epoch, index)``:
     for ``is_sentence`` images LONG_QUESTIONS ("<query> Please output segmentation mask."),
     otherwise SHORT_QUESTIONS with the lower-cased phrase; answers from ANSWERS. Evaluation items
     are each image's first query with the release's fixed prompt and answer "{seg}.".
@@ -131,12 +131,17 @@ class ReasonSegDataset(Dataset[Sample]):
         return len(self.items)
 
     def __getitem__(self, index: int) -> Sample:
+        return self.draw(index, 0)
+
+    def draw(self, index: int, epoch: int) -> Sample:
+        """Item ``index`` with the training templates of ``epoch`` (``EpochConcatDataset``), drawn anew
+        each epoch as the release draws at every read."""
         image_index, query = self.items[index]
         record, name = self.records[image_index], self.names[image_index]
         json_path = self.folder / Path(name).with_suffix(".json").name
         text = record["text"][query].strip()
         if self.train:
-            rng = seeded_rng(self.seed, index)
+            rng = seeded_rng(self.seed, epoch, index)
             question, answer = (
                 sentence_prompt(text, rng)
                 if record["is_sentence"]

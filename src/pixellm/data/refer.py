@@ -160,8 +160,9 @@ class ReferDataset(ReferDatasetBase):
     """Classic single-target referring segmentation: one item per sentence, one mask.
 
     Training items draw a question template (SHORT_QUESTIONS) and answer template (ANSWERS)
-    from ``(seed, index)``; evaluation items use the release's fixed prompt "What is <sentence>
-    in this image? Please output segmentation mask." with the answer "{seg}.".
+    from ``(seed, epoch, index)``, anew each epoch as the release draws at every read (``draw``;
+    ``dataset[i]`` is epoch 0's); evaluation items use the release's fixed prompt "What is
+    <sentence> in this image? Please output segmentation mask." with the answer "{seg}.".
 
     Args: as ``ReferDatasetBase``.
     """
@@ -171,10 +172,14 @@ class ReferDataset(ReferDatasetBase):
         return [pair for image_id in self.image_ids for pair in self.image_sentences[image_id]]
 
     def __getitem__(self, index: int) -> Sample:
+        return self.draw(index, 0)
+
+    def draw(self, index: int, epoch: int) -> Sample:
+        """Item ``index`` with the templates of ``epoch`` (``EpochConcatDataset``)."""
         ref_index, sent_index = self.items[index]
         sentence = self.sentence(ref_index, sent_index)
         if self.train:
-            question, answer = training_prompt([sentence], seeded_rng(self.seed, index))
+            question, answer = training_prompt([sentence], seeded_rng(self.seed, epoch, index))
         else:
             question, answer = eval_prompt([sentence])
         meta = {"record_index": ref_index, "question_index": sent_index}
