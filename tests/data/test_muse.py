@@ -14,6 +14,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pixellm.data.muse import MuseDataset
+from pixellm.data.seg_prompts import LONG_QUESTIONS
 
 H, W = 6, 8
 
@@ -213,3 +214,20 @@ def test_a_malformed_bbox_gives_the_mask_extent(tmp_path: Path, bbox: list) -> N
     with pytest.warns(UserWarning):
         dataset = MuseDataset(_write(tmp_path, [record]), tmp_path / "images")
     assert dataset[0].meta["targets"][1] == {"description": "the red box", "bbox": [0.0, 0.0, 3.0, 6.0]}
+
+
+def test_release_question_templates_wrap_each_question_anew_each_epoch(tmp_path: Path) -> None:
+    path = _write(tmp_path, [_record()])
+    with pytest.warns(UserWarning):
+        plain = MuseDataset(path, tmp_path / "images")
+    with pytest.warns(UserWarning):
+        wrapped = MuseDataset(path, tmp_path / "images", question_templates=LONG_QUESTIONS, seed=1)
+    assert plain[0].question == "ball then box?"  # the paper's default: as written
+    allowed = {t.replace("{sent}", "ball then box?") for t in LONG_QUESTIONS}
+    assert wrapped[0].question in allowed and wrapped.text(0)[0] == wrapped[0].question
+    assert wrapped[0].answer == plain[0].answer and torch.equal(wrapped[0].masks, plain[0].masks)
+    assert wrapped.draw(0, 0).question == wrapped[0].question  # dataset[i] is epoch 0's, fixed
+    assert {wrapped.draw(0, epoch).question for epoch in range(12)} == allowed  # drawn anew per epoch
+    for bad in ([], ["no placeholder"], ["{sent} and {sent}"]):
+        with pytest.raises(ValueError, match="question_templates"):
+            MuseDataset(path, tmp_path / "images", question_templates=bad)

@@ -25,8 +25,9 @@ from torch.utils.data import Dataset
 from pixellm.data.conversation import SEG_PLACEHOLDER
 from pixellm.data.errors import DataError
 from pixellm.data.images import EXIF_ORIENTATION_KEY, confined_path, open_rgb
-from pixellm.data.loading import is_number, is_positive_int
+from pixellm.data.loading import is_number, is_positive_int, seeded_rng
 from pixellm.data.sample import Sample
+from pixellm.data.seg_prompts import SENTENCE
 from pixellm.data.segmentation import decode_segmentation
 
 REQUIRED_FIELDS = ("height", "width", "questions", "answers")
@@ -81,6 +82,13 @@ class MuseDataset(Dataset[Sample]):
             ``{"train2014": ..., "train2017": ..., "val2017": ...}``: ``file_name`` records are
             looked up under ``train2014`` (MUSE's convention), ``coco_url`` records under the
             URL's folder name, by basename.
+        question_templates: None: each question as written (the paper). Else templates holding
+            ``{sent}`` once, one of which wraps each question, drawn from ``(seed, epoch, item)``
+            (``draw``; ``dataset[i]`` is epoch 0's, fixed for evaluation). The release wraps every
+            MUSE question, in training and evaluation, in one of ``seg_prompts.LONG_QUESTIONS``
+            ("<question> Please respond with segmentation mask." / "... Please output segmentation
+            mask."), drawn at random at every read; a converted release model expects them.
+        seed: Seed of the template draws.
 
     Attributes:
         num_fallback_answers: How many questions got an answer built from annotation names.
@@ -90,9 +98,21 @@ class MuseDataset(Dataset[Sample]):
             folder in the mapping, naming file, record and field.
     """
 
-    def __init__(self, json_path: str | Path, image_root: ImageRoot | Path) -> None:
+    def __init__(
+        self,
+        json_path: str | Path,
+        image_root: ImageRoot | Path,
+        question_templates: Sequence[str] | None = None,
+        seed: int = 0,
+    ) -> None:
         self.json_path = Path(json_path)
         self.image_root = image_root
+        if question_templates is not None and (
+            not question_templates or any(t.count(SENTENCE) != 1 for t in question_templates)
+        ):
+            raise ValueError(f"question_templates must be templates holding {SENTENCE} once each, got {question_templates!r}")
+        self.question_templates = tuple(question_templates or ())
+        self.seed = seed
         try:
             records = json.loads(self.json_path.read_bytes().decode("utf-8"))
         except UnicodeDecodeError as err:
@@ -207,11 +227,16 @@ class MuseDataset(Dataset[Sample]):
     def text(self, i: int) -> tuple[str, str, int]:
         """Question, answer (with ``{seg}``) and target count of item ``i``; reads no image."""
         index, q = self.items[i]
-        return (
-            self.records[index]["questions"][q],
-            self.answers[i],
-            len(self.records[index]["answers"][q]),
-        )
+        return self.question(i), self.answers[i], len(self.records[index]["answers"][q])
+
+    def question(self, i: int, epoch: int = 0) -> str:
+        """Item ``i``'s question in ``epoch``, wrapped in its drawn template if there are templates."""
+        index, q = self.items[i]
+        text = self.records[index]["questions"][q]
+        if not self.question_templates:
+            return text
+        template = self.question_templates[int(seeded_rng(self.seed, epoch, i).integers(len(self.question_templates)))]
+        return template.replace(SENTENCE, text)
 
     def _image_path(self, index: int) -> tuple[Path, str]:
         """The image file of record ``index`` and its path relative to its root."""
@@ -226,6 +251,10 @@ class MuseDataset(Dataset[Sample]):
         )
 
     def __getitem__(self, i: int) -> Sample:
+        return self.draw(i, 0)
+
+    def draw(self, i: int, epoch: int) -> Sample:
+        """Item ``i`` with the question template of ``epoch`` (``EpochConcatDataset``)."""
         index, q = self.items[i]
         record = self.records[index]
         height, width = int(record["height"]), int(record["width"])
@@ -267,7 +296,7 @@ class MuseDataset(Dataset[Sample]):
         }
         return Sample(
             image=image,
-            question=record["questions"][q],
+            question=self.question(i, epoch),
             answer=self.answers[i],
             masks=stacked,
             meta=meta,
