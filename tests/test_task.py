@@ -172,6 +172,40 @@ def test_repeats_that_even_out_the_processes_are_not_scored(task_and_batch, monk
     assert counts[1] == counts[0] - batch["masks"][last].shape[0] > 0  # the repeat's pairs left out
 
 
+def test_the_logged_losses_leave_the_repeats_out(task_and_batch, monkeypatch):
+    """Teacher-forced loss terms are means over the scored questions (synchronised over processes at
+    the end of the epoch): a batch with a repeat logs what the batch without it logs."""
+    from pixellm.data.eval_sharding import REPEAT_KEY
+
+    task, data, batch = task_and_batch
+    logged = {}
+    monkeypatch.setattr(task, "_trainer", SimpleNamespace(datamodule=data))
+    monkeypatch.setattr(task, "log", lambda key, value, **kwargs: logged.update({key: float(value)}))
+    size = len(batch["masks"])
+    last = max(i for i, m in enumerate(batch["masks"]) if m.shape[0] > 0)
+    kept = [q for q in range(size) if q != last]
+    metas = [dict(m, **({REPEAT_KEY: True} if q == last else {})) for q, m in enumerate(batch["meta"])]
+
+    def rows(value):  # the batch without question ``last``
+        if isinstance(value, torch.Tensor) and value.dim() and value.shape[0] == size:
+            return value[kept]
+        return [value[q] for q in kept] if isinstance(value, list) and len(value) == size else value
+
+    task.eval()
+    results = []
+    for b in (dict(batch, meta=metas), {key: rows(value) for key, value in batch.items()}):
+        logged.clear()
+        task._start_evaluation("val")
+        with torch.no_grad():
+            task.validation_step(b, 0)
+        task._log_splits()
+        results.append({k: v for k, v in logged.items() if k.split("/")[1] in task.loss.term_names})
+    with_repeat, without = results
+    assert set(with_repeat) == {f"val/{term}" for term in task.loss.term_names} == set(without)
+    for key, value in without.items():
+        assert with_repeat[key] == pytest.approx(value, rel=1e-5), key
+
+
 @pytest.mark.parametrize("name", ["refcocog.val", "eval", "train", "type"])
 def test_any_split_name_is_evaluated_and_logged(task_and_batch, monkeypatch, name):
     """Split names are not module keys: a dot, or the name of a module attribute, is fine."""

@@ -18,6 +18,7 @@ import torch
 from lightning import LightningModule
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
+from torchmetrics import MeanMetric
 
 from pixellm.data.eval_sharding import is_repeat
 from pixellm.data.splits import EvalSplit
@@ -30,6 +31,7 @@ from pixellm.model.lmm import LlavaLMM, MultimodalInputs
 from pixellm.model.losses import PixelLMLoss
 from pixellm.model.projection import VisionDecoderProjection
 from pixellm.model.vision import VisionEncoder, valid_cells
+from pixellm.reliability.batch_rng import seed_batch
 from pixellm.reliability.codebook_groups import decode_answer, drop_malformed_groups
 from pixellm.reliability.nonfinite import NonFiniteLossGuard, any_rank_decision, skipped_step_loss
 from pixellm.reliability.skipping import is_empty_batch
@@ -106,6 +108,7 @@ class PixelLMTask(LightningModule):
         self.cuda_graph = cuda_graph
         self.match_cost = match_cost
         self.nonfinite = NonFiniteLossGuard(max_nonfinite_steps)
+        self.batch_rng_seed: int | None = None  # seeds every training batch's random draws (reliability.batch_rng)
         self.mask_image_padding = mask_image_padding
         # read by DistributedDataParallel: trainable parameters that never get a gradient, which it would refuse
         self._ddp_params_and_buffers_to_ignore = [f"vision.{name}" for name in vision.unused_parameters]
@@ -169,11 +172,13 @@ class PixelLMTask(LightningModule):
             batch["original_sizes"],
         )
 
-    def teacher_forced(self, batch: dict) -> tuple[Tensor, list[Tensor]]:
-        """Next-token CE and the mask logits of the ground-truth answer's codebook tokens."""
+    def teacher_forced(self, batch: dict, ce_rows: Tensor | None = None) -> tuple[Tensor, list[Tensor]]:
+        """Next-token CE (over the questions ``ce_rows`` (B,) bool marks; all if None) and the mask logits
+        of the ground-truth answer's codebook tokens."""
         features, inputs = self.encode(batch, with_labels=True)
         hidden = self.lmm(inputs)  # (B, S', H)
-        ce = self.lmm.next_token_loss(hidden, inputs.labels)
+        labels = inputs.labels if ce_rows is None else inputs.labels.masked_fill(~ce_rows[:, None], -100)
+        ce = self.lmm.next_token_loss(hidden, labels)
         targets = self.codebook.gather(hidden[:, :-1], inputs.token_ids[:, 1:], strict=True)
         masks = self.decode_masks(features, targets, batch)
         for question, (pred, truth) in enumerate(zip(masks, batch["masks"], strict=True)):
@@ -198,6 +203,20 @@ class PixelLMTask(LightningModule):
             self.log(f"train/{name}", value, batch_size=batch_size, prog_bar=name == "loss")
         return terms["loss"]
 
+    def on_fit_start(self) -> None:
+        if self.batch_rng_seed is None:  # a resumed run keeps the seed of its checkpoint
+            self.batch_rng_seed = torch.initial_seed()  # seed_everything's, else torch's own
+
+    def on_train_batch_start(self, batch: dict, batch_idx: int) -> None:
+        # dropout draws as a function of (seed, epoch, batch, process): the same after a resume
+        seed_batch(self.batch_rng_seed, self.current_epoch, batch_idx, self.global_rank)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["batch_rng_seed"] = self.batch_rng_seed
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.batch_rng_seed = checkpoint.get("batch_rng_seed", self.batch_rng_seed)
+
     def eval_splits(self, stage: str) -> list[EvalSplit]:
         """The evaluation split of each ``stage`` ("val"/"test") dataloader, from the data module.
 
@@ -220,7 +239,12 @@ class PixelLMTask(LightningModule):
     def _start_evaluation(self, stage: str) -> None:
         splits = self.eval_splits(stage)
         self.split_names = [s.name for s in splits]
+        self.split_modes = [s.mode for s in splits]
         self.split_iou = nn.ModuleList(PairedMaskIoU() for _ in splits).to(self.device)
+        # teacher-forced loss terms, means over the scored questions of every process
+        self.split_losses = nn.ModuleList(
+            nn.ModuleList(MeanMetric() for _ in self.loss.term_names) for _ in splits
+        ).to(self.device)
 
     def _evaluate(self, batch: dict, stage: str, dataloader_idx: int) -> list[dict]:
         """Evaluate a batch of one split of ``stage``; feed its IoU metric.
@@ -237,34 +261,48 @@ class PixelLMTask(LightningModule):
         if is_empty_batch(batch):
             return []
         split = self._split(stage, dataloader_idx)
+        index = self.split_names.index(split.name)
         truth = batch["masks"]
+        scored = [not is_repeat(m) for m in batch["meta"]]  # repeats even out the processes: not scored
         if split.mode == "teacher_forced":
-            ce, logits = self.teacher_forced(batch)
-            terms = self.loss(ce, logits, truth)
-            for name, value in terms.items():
-                self.log(f"{split.name}/{name}", value, batch_size=len(truth), add_dataloader_idx=False)
+            ce, logits = self.teacher_forced(batch, torch.tensor(scored, device=self.device))
+            if any(scored):
+                kept = [q for q, keep in enumerate(scored) if keep]
+                terms = self.loss(ce, [logits[q] for q in kept], [truth[q] for q in kept])
+                for name, mean in zip(self.loss.term_names, self.split_losses[index], strict=True):
+                    mean.update(terms[name].detach(), weight=len(kept))
             pairs = text_order_pairs(logits, truth)
             answers = batch["answers"]
         else:
             generation = self.generate_answers(batch)
             logits, answers = generation.logits, generation.answers
             pairs = match_batch(logits, truth, self.match_cost)
-        scored = [p for p, m in zip(pairs, batch["meta"], strict=True) if not is_repeat(m)]  # repeats even out processes
-        if scored:
-            metric = self.split_iou[self.split_names.index(split.name)]
-            metric.update(*concatenate(scored), torch.cat([pair_scores(p, None) for p in scored]))
+        scored_pairs = [p for p, keep in zip(pairs, scored, strict=True) if keep]
+        if scored_pairs:
+            self.split_iou[index].update(
+                *concatenate(scored_pairs), torch.cat([pair_scores(p, None) for p in scored_pairs])
+            )
         return [
             {"split": split, "question": q, "answer": a, "pairs": p, "masks": x > 0, "meta": m, "repeat": is_repeat(m)}
             for q, a, p, x, m in zip(batch["questions"], answers, pairs, logits, batch["meta"], strict=True)
         ]
 
     def _log_splits(self) -> None:
-        """Log every split's gIoU / cIoU (and few/many where the split has such questions)."""
-        for name, metric in zip(self.split_names, self.split_iou, strict=True):
+        """Log every split's gIoU / cIoU (and few/many where the split has such questions) and, for a
+        teacher-forced split, its loss terms; each a value over all processes' scored questions."""
+        for name, mode, metric, losses in zip(
+            self.split_names, self.split_modes, self.split_iou, self.split_losses, strict=True
+        ):
             for key, value in metric.compute().items():
                 if key in HEADLINE_SCORES or not bool(value.isnan()):
                     self.log(f"{name}/{key}", value, prog_bar=key in HEADLINE_SCORES, add_dataloader_idx=False)
             metric.reset()
+            if mode == "teacher_forced":
+                for term, mean in zip(self.loss.term_names, losses, strict=True):
+                    value = mean.compute()  # synchronised over the processes (a question-weighted mean)
+                    if not bool(value.isnan()):
+                        self.log(f"{name}/{term}", value, add_dataloader_idx=False)
+                    mean.reset()
 
     def on_validation_epoch_start(self) -> None:
         self._start_evaluation("val")

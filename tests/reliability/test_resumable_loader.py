@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
+from pixellm.data.mixture import MixtureSampler
 from pixellm.reliability.resumable_loader import EpochShuffleSampler, ResumableDataLoader
 
 
@@ -41,8 +42,33 @@ def test_state_resumes_after_the_consumed_batches_of_that_epoch_only() -> None:
     assert len([b for b in fresh]) == 3
 
 
-def test_loader_without_the_sampler_saves_nothing() -> None:
+def test_any_sampler_resumes_the_same_way_on_every_process() -> None:
+    """Lightning's DistributedSampler under DDP, the mixture's sampler, a plain loader: every rank
+    loads rank 0's checkpointed position and goes on where an uninterrupted run would."""
+    mixture = [MixtureSampler([5, 7], [0.3, 0.7], 24, seed=1, num_replicas=2, rank=r) for r in range(2)]
+    shuffled = [DistributedSampler(range(24), num_replicas=2, rank=r, shuffle=True, seed=4) for r in range(2)]
+    for samplers in (mixture, shuffled):
+        loaders = [ResumableDataLoader(list(range(200)), batch_size=3, sampler=s, drop_last=True) for s in samplers]
+        full = []
+        for loader in loaders:
+            loader.sampler.set_epoch(2)
+            full.append([b.tolist() for b in loader])
+        for loader in loaders:
+            loader.sampler.set_epoch(2)
+        iterator = iter(loaders[0])
+        next(iterator)
+        state = loaders[0].state_dict()
+        assert state == {"epoch": 2, "batches": 1}
+        for rank, sampler in enumerate(samplers):
+            fresh = ResumableDataLoader(list(range(200)), batch_size=3, sampler=sampler, drop_last=True)
+            fresh.load_state_dict(state)
+            sampler.set_epoch(2)  # as Lightning does before the epoch
+            assert len(fresh) == len(full[rank]) == 4  # Lightning counts the epoch's batches from it
+            assert [b.tolist() for b in fresh] == full[rank][1:]
+            sampler.set_epoch(3)  # the next epoch starts at its first batch again
+            assert len(list(fresh)) == 4
     plain = ResumableDataLoader(list(range(4)), batch_size=2)
-    assert plain.state_dict() == {}
-    plain.load_state_dict({"epoch": 1, "batches": 1})
+    assert plain.state_dict() == {"epoch": 0, "batches": 0}
+    plain.load_state_dict({"epoch": 0, "batches": 1})
+    assert [b.tolist() for b in plain] == [[2, 3]]
     assert [b.tolist() for b in plain] == [[0, 1], [2, 3]]

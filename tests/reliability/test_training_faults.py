@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import time
 from pathlib import Path
 
 import pytest
@@ -82,6 +83,24 @@ def test_a_crash_while_saving_leaves_the_previous_checkpoint(tmp_path: Path, mon
     assert os.listdir(tmp_path) == ["last.ckpt"]  # no temporary file left behind
     loaded = io.load_checkpoint(path)
     assert loaded["global_step"] == 1 and torch.equal(loaded["state_dict"]["w"], torch.ones(3))
+
+
+def test_the_next_save_removes_what_a_killed_save_left(tmp_path: Path) -> None:
+    path = tmp_path / "last.ckpt"
+    killed = tmp_path / ".last.ckpt.0123abcd.tmp"  # what SIGKILL leaves mid-save
+    killed.write_bytes(b"half a checkpoint")
+    os.utime(killed, (time.time() - 60, time.time() - 60))
+    other = tmp_path / ".epoch=1.ckpt.4567ef.tmp"  # another checkpoint's: not this save's to remove
+    other.write_bytes(b"")
+    os.utime(other, (time.time() - 60, time.time() - 60))
+    writing = tmp_path / ".last.ckpt.89abcdef.tmp"  # written after this save started: kept
+    checkpoint_io.atomic_torch_save({"global_step": 3}, path)
+    assert not killed.exists() and other.exists()
+    writing.write_bytes(b"")
+    os.utime(writing, (time.time() + 60, time.time() + 60))
+    checkpoint_io.atomic_torch_save({"global_step": 4}, path)
+    assert sorted(os.listdir(tmp_path)) == sorted([path.name, other.name, writing.name])
+    assert torch.load(path, weights_only=True)["global_step"] == 4
 
 
 class Payload:

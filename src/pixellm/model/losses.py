@@ -103,6 +103,11 @@ class PixelLMLoss(nn.Module):
         self.dice_eps = dice_eps
         self.ignore_index = ignore_index
 
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        """The keys ``forward`` returns: the enabled terms, then ``"loss"``."""
+        return (*(name for name in ("bce", "dice", "refinement", "ce") if self.weights[name]), "loss")
+
     def mask_terms(self, logits: list[Tensor], targets: list[Tensor]) -> dict[str, Tensor]:
         """Per-term mask losses averaged over all masks of the batch.
 

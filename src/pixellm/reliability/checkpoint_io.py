@@ -10,8 +10,11 @@ turns any failure into a ``CheckpointError`` naming the file. Use it as ``traine
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import sys
+import time
 import uuid
 import zipfile
 from collections.abc import Callable
@@ -31,10 +34,13 @@ class CheckpointError(RuntimeError):
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     """``torch.save(obj, path)`` through a temporary file and ``os.replace``.
 
-    The temporary file is removed when saving fails; ``path`` is then untouched.
+    The temporary file is removed when saving fails; ``path`` is then untouched. A process killed
+    while saving leaves its temporary file behind: the next save of ``path`` removes those that were
+    last written before it started.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
     tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"  # hidden: no "last*.ckpt" glob
     try:
         with open(tmp, "xb") as handle:  # the umask's permissions, like a plain save
@@ -45,6 +51,10 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        with contextlib.suppress(OSError):  # gone already, or not ours to remove
+            if stale.stat().st_mtime < started:
+                stale.unlink()
 
 
 def _unloadable(path: Path, err: Exception) -> CheckpointError:

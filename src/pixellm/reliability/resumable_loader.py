@@ -9,17 +9,17 @@ DataLoader restarts the interrupted epoch from its first batch with another perm
 ``EpochShuffleSampler`` makes epoch ``e``'s permutation a function of (seed, e) alone (the order
 a seeded ``DataLoader(shuffle=True)`` gives over whole epochs, so earlier runs keep their order),
 and ``ResumableDataLoader`` saves ``{"epoch", "batches"}`` (batches the training loop consumed in
-that epoch) and, when loaded, starts the sampler after them. So a run killed at any step and
-resumed with ``ckpt_path="last"`` sees exactly the batches an uninterrupted run sees.
-
-Single device only: under DDP Lightning replaces the sampler with its ``DistributedSampler``
-(shuffled by seed and epoch), and the loader then saves no position (Lightning warns that the
-interrupted epoch restarts).
+that epoch) and, when loaded, skips that many batches of the epoch's order without reading them.
+It skips them in whatever sampler it has: Lightning's ``DistributedSampler`` under DDP, the training
+mixture's ``MixtureSampler``, or a user's, each of which orders an epoch by (seed, epoch). So a run
+killed at any step and resumed with ``ckpt_path="last"`` sees exactly the batches an uninterrupted
+run sees, on one device or several.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import itertools
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -41,8 +41,6 @@ class EpochShuffleSampler(RandomSampler):
         super().__init__(range(num_samples))
         self.seed = seed
         self.epoch = 0
-        self.resume: tuple[int, int] | None = None  # (epoch, items to skip in it), used once
-        self.skipped = 0  # items skipped at the start of the running iteration
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of ``epoch`` (Lightning calls this before every epoch)."""
@@ -61,15 +59,29 @@ class EpochShuffleSampler(RandomSampler):
         return torch.randperm(self.num_samples, generator=generator).tolist()
 
     def __iter__(self) -> Iterator[int]:
-        start = 0
-        if self.resume is not None and self.resume[0] == self.epoch:
-            start = self.resume[1]
-        self.resume = None
-        self.skipped = start
-        yield from self.permutation(self.epoch)[start:]
+        yield from self.permutation(self.epoch)
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class _ResumingSampler:
+    """The index sampler a ``ResumableDataLoader`` iterates: its own (batches of indices, or indices),
+    less the batches a resume skips, which are drawn but never loaded; its length stays the epoch's.
+
+    The epoch and the skip are read at the first draw, not at ``iter()``: Lightning sets the sampler's
+    epoch between creating the epoch's iterator and drawing from it.
+    """
+
+    def __init__(self, sampler: Iterable[Any], loader: ResumableDataLoader) -> None:
+        self.sampler, self.loader = sampler, loader
+
+    def __iter__(self) -> Iterator[Any]:
+        start = self.loader._begin_epoch()  # before iter(): MixtureSampler moves its epoch on
+        yield from itertools.islice(iter(self.sampler), start, None)
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
 
 
 class _CountingIterator:
@@ -89,38 +101,45 @@ class _CountingIterator:
 
 
 class ResumableDataLoader(DataLoader):
-    """A DataLoader over an ``EpochShuffleSampler`` whose position Lightning checkpoints.
+    """A DataLoader whose position in the running epoch Lightning checkpoints.
 
-    Takes DataLoader's arguments; ``sampler`` must be an ``EpochShuffleSampler`` and
-    ``batch_size`` an integer for the position to be saved (otherwise ``state_dict`` is empty).
+    Takes DataLoader's arguments. The epoch is the sampler's ``epoch`` (set by Lightning's
+    ``set_epoch`` before each epoch; 0 for a sampler without one).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._counter: _CountingIterator | None = None
+        self._epoch = 0  # of the running iteration
+        self._start = 0  # batches its order skipped
+        self._resume: tuple[int, int] | None = None  # (epoch, batches to skip in it), used once
 
-    def _resumable(self) -> bool:
-        return isinstance(self.sampler, EpochShuffleSampler) and self.batch_size is not None
+    @property
+    def _index_sampler(self) -> _ResumingSampler:
+        # what DataLoader iterators draw batches (or indices) from
+        return _ResumingSampler(super()._index_sampler, self)
+
+    def _begin_epoch(self) -> int:
+        """At the first draw of an epoch: note the epoch, and return the batches to skip in it."""
+        self._epoch = int(getattr(self.sampler, "epoch", 0))
+        self._start = self._resume[1] if self._resume is not None and self._resume[0] == self._epoch else 0
+        self._resume = None
+        return self._start
 
     def __iter__(self) -> Iterator[Any]:
-        if self._resumable():
-            self.sampler.skipped = 0  # until this iteration's sampler starts
+        self._start = 0
         self._counter = _CountingIterator(super().__iter__())
         return self._counter
 
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "batches"}``: the running epoch and the batches consumed in it."""
-        if not self._resumable():
-            return {}
         consumed = 0 if self._counter is None else self._counter.count
-        return {
-            "epoch": self.sampler.epoch,
-            "batches": self.sampler.skipped // self.batch_size + consumed,
-        }
+        return {"epoch": self._epoch, "batches": self._start + consumed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Make the next iteration of ``state["epoch"]`` start after ``state["batches"]``."""
-        if not state or not self._resumable():
-            return
-        self.sampler.set_epoch(state["epoch"])
-        self.sampler.resume = (state["epoch"], state["batches"] * self.batch_size)
+        if state:
+            self._resume = (int(state["epoch"]), int(state["batches"]))
+            set_epoch = getattr(self.sampler, "set_epoch", None)
+            if set_epoch is not None:  # Lightning sets it too, before the epoch's iteration
+                set_epoch(self._resume[0])
