@@ -241,3 +241,13 @@ def test_only_the_architecture_of_a_folders_model_section_is_read(exported_tiny,
     config["model"]["init_args"]["optimizer"] = {"class_path": "no_such_module_anywhere.Optimizer"}  # never imported
     (folder / CONFIG_NAME).write_text(json.dumps(config))
     assert load_pretrained(folder).task.state_dict().keys() == load_pretrained(exported_tiny).task.state_dict().keys()
+
+
+def test_a_folder_keeps_whether_image_padding_is_masked(exported_tiny, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(exported_tiny, folder)
+    config = json.loads((folder / CONFIG_NAME).read_text())
+    assert load_pretrained(folder).task.mask_image_padding  # the default
+    config["model"]["init_args"]["mask_image_padding"] = False  # as a run trained with it off writes it
+    (folder / CONFIG_NAME).write_text(json.dumps(config))
+    assert not load_pretrained(folder).task.mask_image_padding

@@ -50,6 +50,7 @@ TOKENIZER_DIR = "tokenizer"
 PEFT_PREFIX = "base_model.model."  # key prefix of peft's PeftModel.save_pretrained
 ADAPTER_NAME = "default"
 ARCHITECTURE_COMPONENTS = ("vision", "lmm", "codebook", "projection", "decoder")
+MODEL_SETTINGS = ("max_new_tokens", "mask_image_padding")  # task arguments a folder keeps beside its parts
 
 
 @dataclass
@@ -112,9 +113,10 @@ def instantiate_task(model_config: dict[str, Any]) -> PixelLMTask:
 
 
 def architecture_section(model_config: dict[str, Any]) -> dict[str, Any]:
-    """The components and tokenizer of a ``model`` section; training-only arguments dropped."""
+    """The components and tokenizer of a ``model`` section, and the settings that change what the
+    model computes (``mask_image_padding``) or answers (``max_new_tokens``); training-only arguments dropped."""
     init = model_config["init_args"]
-    kept = {k: copy.deepcopy(init[k]) for k in (*ARCHITECTURE_COMPONENTS, "max_new_tokens") if k in init}
+    kept = {k: copy.deepcopy(init[k]) for k in (*ARCHITECTURE_COMPONENTS, *MODEL_SETTINGS) if k in init}
     return {"class_path": model_config["class_path"], "init_args": kept}
 
 

@@ -121,8 +121,8 @@ def predict_command(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=1, help="requests per forward pass")
     args = parser.parse_args(argv)
     if args.image is not None:
-        if not args.question:
-            parser.error("--image needs --question")
+        if not args.question or not args.question.strip():
+            parser.error("--image needs --question (not blank)")
         if IMAGE_TOKEN in args.question:
             parser.error(f"--question: {IMAGE_NOTE}")
         pairs = [(path, args.question) for path in image_files(args.image)]
@@ -133,7 +133,7 @@ def predict_command(argv: list[str]) -> None:
     skipped: list[str] = []
     args.out.mkdir(parents=True, exist_ok=True)
     columns = (TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with (args.out / "predictions.jsonl").open("w") as summary, Progress(*columns, console=Console(stderr=True)) as bar:
+    with (args.out / "predictions.jsonl").open("a") as summary, Progress(*columns, console=Console(stderr=True)) as bar:
         task = bar.add_task("predict", total=len(pairs))
         written = 0
         for prediction in predictor.predict_all(_requests(pairs, skipped)):
