@@ -117,8 +117,9 @@ class PixelLMTask(LightningModule):
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
         self.lmm.extend_vocabulary(len(self.tokenizer))
         self._check_widths()
-        self.split_iou = nn.ModuleList()  # one PairedMaskIoU per evaluation split (in eval_splits order), per epoch
-        self.split_names: list[str] = []  # their names (any string: not module keys)
+        self.splits: list[EvalSplit] = []  # the running evaluation's splits (names: any string, not module keys)
+        self.split_iou = nn.ModuleList()  # one PairedMaskIoU per split, in that order, per epoch
+        self.split_losses = nn.ModuleList()  # per split, one MeanMetric per loss term (teacher-forced splits)
 
     def _check_widths(self) -> None:
         """Fail at construction, with the config keys to fix, when the parts do not fit together."""
@@ -237,13 +238,11 @@ class PixelLMTask(LightningModule):
         return splits[dataloader_idx]
 
     def _start_evaluation(self, stage: str) -> None:
-        splits = self.eval_splits(stage)
-        self.split_names = [s.name for s in splits]
-        self.split_modes = [s.mode for s in splits]
-        self.split_iou = nn.ModuleList(PairedMaskIoU() for _ in splits).to(self.device)
+        self.splits = self.eval_splits(stage)
+        self.split_iou = nn.ModuleList(PairedMaskIoU() for _ in self.splits).to(self.device)
         # teacher-forced loss terms, means over the scored questions of every process
         self.split_losses = nn.ModuleList(
-            nn.ModuleList(MeanMetric() for _ in self.loss.term_names) for _ in splits
+            nn.ModuleList(MeanMetric() for _ in self.loss.term_names) for _ in self.splits
         ).to(self.device)
 
     def _evaluate(self, batch: dict, stage: str, dataloader_idx: int) -> list[dict]:
@@ -261,7 +260,7 @@ class PixelLMTask(LightningModule):
         if is_empty_batch(batch):
             return []
         split = self._split(stage, dataloader_idx)
-        index = self.split_names.index(split.name)
+        index = self.splits.index(split)
         truth = batch["masks"]
         scored = [not is_repeat(m) for m in batch["meta"]]  # repeats even out the processes: not scored
         if split.mode == "teacher_forced":
@@ -290,18 +289,16 @@ class PixelLMTask(LightningModule):
     def _log_splits(self) -> None:
         """Log every split's gIoU / cIoU (and few/many where the split has such questions) and, for a
         teacher-forced split, its loss terms; each a value over all processes' scored questions."""
-        for name, mode, metric, losses in zip(
-            self.split_names, self.split_modes, self.split_iou, self.split_losses, strict=True
-        ):
+        for split, metric, losses in zip(self.splits, self.split_iou, self.split_losses, strict=True):
             for key, value in metric.compute().items():
                 if key in HEADLINE_SCORES or not bool(value.isnan()):
-                    self.log(f"{name}/{key}", value, prog_bar=key in HEADLINE_SCORES, add_dataloader_idx=False)
+                    self.log(f"{split.name}/{key}", value, prog_bar=key in HEADLINE_SCORES, add_dataloader_idx=False)
             metric.reset()
-            if mode == "teacher_forced":
+            if split.mode == "teacher_forced":
                 for term, mean in zip(self.loss.term_names, losses, strict=True):
                     value = mean.compute()  # synchronised over the processes (a question-weighted mean)
                     if not bool(value.isnan()):
-                        self.log(f"{name}/{term}", value, add_dataloader_idx=False)
+                        self.log(f"{split.name}/{term}", value, add_dataloader_idx=False)
                     mean.reset()
 
     def on_validation_epoch_start(self) -> None:

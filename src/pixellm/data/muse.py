@@ -27,7 +27,7 @@ from pixellm.data.errors import DataError
 from pixellm.data.images import EXIF_ORIENTATION_KEY, confined_path, open_rgb
 from pixellm.data.loading import is_number, is_positive_int, seeded_rng
 from pixellm.data.sample import Sample
-from pixellm.data.seg_prompts import SENTENCE
+from pixellm.data.seg_prompts import SENTENCE, wrap_sentence
 from pixellm.data.segmentation import decode_segmentation
 
 REQUIRED_FIELDS = ("height", "width", "questions", "answers")
@@ -235,8 +235,7 @@ class MuseDataset(Dataset[Sample]):
         text = self.records[index]["questions"][q]
         if not self.question_templates:
             return text
-        template = self.question_templates[int(seeded_rng(self.seed, epoch, i).integers(len(self.question_templates)))]
-        return template.replace(SENTENCE, text)
+        return wrap_sentence(self.question_templates, text, seeded_rng(self.seed, epoch, i))
 
     def _image_path(self, index: int) -> tuple[Path, str]:
         """The image file of record ``index`` and its path relative to its root."""

@@ -127,9 +127,14 @@ def training_prompt(names: list[str], rng: np.random.Generator) -> tuple[str, st
     return question, template.replace(NAME, joined).replace(SEGS, placeholders(len(names)))
 
 
+def wrap_sentence(templates: tuple[str, ...], sentence: str, rng: np.random.Generator) -> str:
+    """``sentence`` in one of ``templates`` (each holding ``{sent}``), drawn with ``rng``."""
+    return str(rng.choice(templates)).replace(SENTENCE, sentence)
+
+
 def sentence_prompt(sentence: str, rng: np.random.Generator) -> tuple[str, str]:
     """A random (question, answer) for a reasoning sentence: LONG_QUESTIONS and ANSWERS."""
-    return str(rng.choice(LONG_QUESTIONS)).replace(SENTENCE, sentence), str(rng.choice(ANSWERS))
+    return wrap_sentence(LONG_QUESTIONS, sentence, rng), str(rng.choice(ANSWERS))
 
 
 def eval_prompt(names: list[str], template: str = EVAL_QUESTION) -> tuple[str, str]:

@@ -121,7 +121,7 @@ def predict_command(argv: list[str]) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=1, help="requests per forward pass")
     args = parser.parse_args(argv)
     if args.image is not None:
-        if not args.question or not args.question.strip():
+        if not (args.question or "").strip():
             parser.error("--image needs --question (not blank)")
         if IMAGE_TOKEN in args.question:
             parser.error(f"--question: {IMAGE_NOTE}")
