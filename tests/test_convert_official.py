@@ -172,3 +172,22 @@ def test_a_release_key_that_nothing_maps_stops_the_conversion():
 
     with pytest.raises(ValueError, match=r"neither mapped nor dropped: \['model\.new_head\.weight'\]"):
         convert_state({"model.new_head.weight": torch.zeros(1)}, {}, set())
+
+
+def test_a_truncated_release_weight_file_is_named(tmp_path):
+    from pixellm.convert_official import read_release_weights
+    from pixellm.reliability.checkpoint_io import CheckpointError
+
+    save_file({"w": torch.ones(64)}, tmp_path / "model-00001-of-00001.safetensors")
+    assert torch.equal(read_release_weights(tmp_path)["w"], torch.ones(64))
+    shard = tmp_path / "model-00001-of-00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:40])  # a copy cut short
+    with pytest.raises(CheckpointError, match=r"model-00001-of-00001\.safetensors: not a loadable checkpoint .*copy it again"):
+        read_release_weights(tmp_path)
+    shard.unlink()
+    torch.save({"w": torch.ones(64)}, tmp_path / "pytorch_model.bin")
+    assert torch.equal(read_release_weights(tmp_path)["w"], torch.ones(64))
+    binary = tmp_path / "pytorch_model.bin"
+    binary.write_bytes(binary.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match=r"pytorch_model\.bin: not a loadable checkpoint"):
+        read_release_weights(tmp_path)

@@ -26,6 +26,7 @@ from pixellm.export import (
 )
 from pixellm.inference.predictor import Predictor, Request
 from pixellm.main import main
+from pixellm.reliability.checkpoint_io import CheckpointError
 from pixellm.task import PixelLMTask
 
 
@@ -187,7 +188,10 @@ def test_export_command_reads_a_lightning_checkpoint_and_the_saved_run_config(ti
 def test_export_command_refuses_a_checkpoint_that_needs_unpickling_code(tiny_config, tmp_path):
     ckpt = tmp_path / "evil.ckpt"
     torch.save({"state_dict": {}, "payload": pickle.loads(pickle.dumps(Path("x")))}, ckpt)
-    with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
+    with pytest.raises(CheckpointError, match=r"evil\.ckpt: not a loadable checkpoint \(UnpicklingError: Weights only load failed"):
+        main(["export", "--config", str(tiny_config), "--ckpt_path", str(ckpt), "--out", str(tmp_path / "o")])
+    ckpt.write_bytes(ckpt.read_bytes()[:200])  # truncated: the file is named, not a bare OSError
+    with pytest.raises(CheckpointError, match=r"evil\.ckpt: not a loadable checkpoint"):
         main(["export", "--config", str(tiny_config), "--ckpt_path", str(ckpt), "--out", str(tmp_path / "o")])
     folder = tmp_path / "last.ckpt"  # what DeepSpeedStrategy saves
     (folder / "checkpoint").mkdir(parents=True)
@@ -251,3 +255,12 @@ def test_a_folder_keeps_whether_image_padding_is_masked(exported_tiny, tmp_path)
     config["model"]["init_args"]["mask_image_padding"] = False  # as a run trained with it off writes it
     (folder / CONFIG_NAME).write_text(json.dumps(config))
     assert not load_pretrained(folder).task.mask_image_padding
+
+
+def test_a_truncated_weight_file_in_a_folder_is_named(exported_tiny, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(exported_tiny, folder)
+    weights = folder / WEIGHTS_NAME
+    weights.write_bytes(weights.read_bytes()[:64])
+    with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))}: not a loadable checkpoint .*copy it again"):
+        load_pretrained(folder)

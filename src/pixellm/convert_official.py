@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 from transformers import LlamaConfig
 
 from pixellm.data.conversation import IM_END, IM_START
 from pixellm.data.preprocess import DEFAULT_PIXEL_MEAN, DEFAULT_PIXEL_STD
 from pixellm.export import Preprocess, folder_keys, instantiate_task, save_pretrained
+from pixellm.reliability.checkpoint_io import load_weight_file
 
 RELEASE_DECODER_HEADS = 8  # MaskDecoderMultiScale's TwoWayTransformer(num_heads=8)
 RELEASE_TOKEN = re.compile(r"^\[SEG(\d+)\]$")
@@ -83,14 +83,11 @@ def read_release_weights(folder: Path) -> dict[str, Tensor]:
     """Every tensor of the release's weight files (safetensors preferred; .bin via weights_only)."""
     files = sorted(folder.glob("*.safetensors"))
     if files:
-        return {k: v for f in files for k, v in load_file(str(f)).items()}
+        return {k: v for f in files for k, v in load_weight_file(f).items()}
     files = sorted(folder.glob("pytorch_model*.bin"))
     if not files:
         raise FileNotFoundError(f"{folder}: no *.safetensors or pytorch_model*.bin weight files")
-    state: dict[str, Tensor] = {}
-    for file in files:
-        state.update(torch.load(file, map_location="cpu", weights_only=True))
-    return state
+    return {k: v for f in files for k, v in load_weight_file(f).items()}
 
 
 def map_key(key: str) -> tuple[str | None, str | None]:

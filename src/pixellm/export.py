@@ -30,13 +30,13 @@ from typing import Any
 
 import torch
 from jsonargparse import ArgumentParser
-from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
 from pixellm.data.errors import DataError
 from pixellm.data.images import confined_path
 from pixellm.data.preprocess import DEFAULT_PIXEL_MEAN, DEFAULT_PIXEL_STD
+from pixellm.reliability.checkpoint_io import load_weight_file
 from pixellm.task import PixelLMTask
 from pixellm.tokenizer import IMAGE_TOKEN
 
@@ -370,8 +370,8 @@ def _load_weights(task: PixelLMTask, path: Path, expected: set[str]) -> None:
     """Load ``path`` into ``task``: its keys must be exactly ``expected`` with matching shapes."""
     if not path.is_file():
         raise FileNotFoundError(f"{path}: weight file missing")
-    with safe_open(str(path), framework="pt") as file:
-        shapes = {k: tuple(file.get_slice(k).get_shape()) for k in file.keys()}
+    weights = load_weight_file(path)
+    shapes = {k: tuple(v.shape) for k, v in weights.items()}
     missing, unexpected = expected - shapes.keys(), shapes.keys() - expected
     if missing or unexpected:
         raise ValueError(
@@ -383,7 +383,7 @@ def _load_weights(task: PixelLMTask, path: Path, expected: set[str]) -> None:
     if wrong:
         lines = "; ".join(f"{k}: file {f}, config builds {c}" for k, (f, c) in sorted(wrong.items())[:20])
         raise ValueError(f"{path}: the config builds other shapes than the weights: {lines}")
-    task.load_state_dict(load_file(str(path)), strict=False)
+    task.load_state_dict(weights, strict=False)
 
 
 def _load_adapter(task: PixelLMTask, directory: Path) -> None:
@@ -402,7 +402,7 @@ def _load_adapter(task: PixelLMTask, directory: Path) -> None:
     path = directory / ADAPTER_WEIGHTS
     if not path.is_file():
         raise FileNotFoundError(f"{path}: adapter weights missing")
-    state = {re.sub(f"^{re.escape(PEFT_PREFIX)}", "", k): v for k, v in load_file(str(path)).items()}
+    state = {re.sub(f"^{re.escape(PEFT_PREFIX)}", "", k): v for k, v in load_weight_file(path).items()}
     expected = get_peft_model_state_dict(task.lmm.llava, adapter_name=ADAPTER_NAME)
     missing, unexpected = expected.keys() - state.keys(), state.keys() - expected.keys()
     wrong = [k for k in expected.keys() & state.keys() if expected[k].shape != state[k].shape]

@@ -19,6 +19,7 @@ from lightning import LightningDataModule, Trainer
 
 from pixellm.export import Preprocess, save_pretrained
 from pixellm.main import lightning_cli
+from pixellm.reliability.checkpoint_io import load_checkpoint_file
 from pixellm.task import PixelLMTask
 
 
@@ -75,7 +76,7 @@ def load_checkpoint_state(ckpt_path: Path) -> dict[str, torch.Tensor]:
         )
     if not ckpt_path.is_file():
         raise FileNotFoundError(f"{ckpt_path}: checkpoint not found")
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    checkpoint = load_checkpoint_file(ckpt_path)  # weights_only; a failure names the file
     if "state_dict" not in checkpoint:
         raise ValueError(f"{ckpt_path}: not a Lightning checkpoint (no 'state_dict' entry)")
     return checkpoint["state_dict"]

@@ -25,6 +25,8 @@ import torch
 from jsonargparse import ArgumentParser
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 
 
 class CheckpointError(RuntimeError):
@@ -57,12 +59,12 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
                 stale.unlink()
 
 
-def _unloadable(path: Path, err: Exception) -> CheckpointError:
+def _unloadable(path: Path, err: Exception, remedy: str = "resume from an earlier checkpoint") -> CheckpointError:
     first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
     return CheckpointError(
         f"{path}: not a loadable checkpoint ({type(err).__name__}: {first_line}). It is "
         "truncated or corrupt (e.g. a copy cut short), or holds objects that safe "
-        "(weights_only) loading refuses; resume from an earlier checkpoint"
+        f"(weights_only) loading refuses; {remedy}"
     )
 
 
@@ -82,7 +84,9 @@ def check_checkpoint_file(path: str | Path) -> None:
         raise _unloadable(path, ValueError("no data.pkl in the archive"))
 
 
-def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[str, Any]:
+def load_checkpoint_file(
+    path: str | Path, map_location: Any = "cpu", remedy: str = "resume from an earlier checkpoint"
+) -> dict[str, Any]:
     """``torch.load(path, weights_only=True)`` with every failure turned into ``CheckpointError``.
 
     Raises:
@@ -96,10 +100,29 @@ def load_checkpoint_file(path: str | Path, map_location: Any = "cpu") -> dict[st
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # zip, pickle and storage errors all mean "unusable file"
-        raise _unloadable(path, err) from None
+        raise _unloadable(path, err, remedy) from None
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f"{path}: holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return checkpoint
+
+
+def load_weight_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file: ``.safetensors``, else a ``torch.save`` dict read with
+    ``weights_only=True``.
+
+    Raises:
+        FileNotFoundError: If ``path`` does not exist.
+        CheckpointError: If it is truncated or corrupt (the message names the file).
+    """
+    path, remedy = Path(path), "write or copy it again"
+    if path.suffix != ".safetensors":
+        return load_checkpoint_file(path, remedy=remedy)
+    if not path.is_file():
+        raise FileNotFoundError(f"weight file not found: {path}")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise _unloadable(path, err, remedy) from None
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
