@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -65,6 +66,11 @@ def test_empty_question_is_a_data_error_and_its_sample_is_skipped(
         batch = collate([dataset[0], dataset[1], dataset[2]])
     assert [m["record_index"] for m in batch["meta"]] == [0, 2] and len(batch["masks"]) == 2
     assert len(batch["skipped"]) == 1 and batch["skipped"][0].index is None
+    asked = dataclasses.replace(dataset[0], question=" ", meta={"file_name": "cat.jpg"})  # as the predictor asks
+    with pytest.raises(DataError, match=r"^cat\.jpg: the question is empty$"):
+        MuseCollator(encoder.tokenizer, CODEBOOK, "plain", 32).check(asked)
+    with pytest.raises(DataError, match=r"^muse .*\.json record 1 question 0: the question is empty$"):
+        MuseCollator(encoder.tokenizer, CODEBOOK, "plain", 32).check(dataset[1])
 
 
 def test_invalid_unicode_in_a_question(encoder: TextEncoder, tmp_path: Path) -> None:

@@ -126,10 +126,10 @@ class MuseCollator:
 
     def _encode(self, sample: Sample) -> EncodedText:
         meta = sample.meta
-        where = (
-            f"{meta.get('dataset', '')} {meta.get('json', '')} record {meta.get('record_index')} "
-            f"question {meta.get('question_index')}"
-        )
+        parts = [str(meta[key]) for key in ("dataset", "json") if meta.get(key)]
+        parts += [f"{name} {meta[key]}" for key, name in (("record_index", "record"), ("question_index", "question"))
+                  if meta.get(key) is not None]
+        where = " ".join(parts) or str(meta.get("file_name", "sample"))  # a request at inference: its image
         return self.encoder.encode(
             sample.question, sample.answer, sample.masks.shape[0], where, sample.history
         )
