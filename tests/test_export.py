@@ -264,3 +264,16 @@ def test_a_truncated_weight_file_in_a_folder_is_named(exported_tiny, tmp_path):
     weights.write_bytes(weights.read_bytes()[:64])
     with pytest.raises(CheckpointError, match=rf"{re.escape(str(weights))}: not a loadable checkpoint .*copy it again"):
         load_pretrained(folder)
+
+
+def test_a_relative_base_folder_is_recorded_so_any_working_directory_finds_it(lora_task, tmp_path, monkeypatch):
+    task, config, base = lora_task
+    relative = copy.deepcopy(config)
+    monkeypatch.chdir(base.parent)
+    relative["init_args"]["lmm"]["init_args"]["pretrained"] = base.name  # as `pixellm fit` run from base.parent
+    folder = save_pretrained(task, tmp_path / "lora", relative, Preprocess(image_size=32, template="plain"))
+    recorded = json.loads((folder / CONFIG_NAME).read_text())
+    assert recorded["model"]["init_args"]["lmm"]["init_args"]["pretrained"] == str(base.resolve()) == recorded["base_model"]
+    monkeypatch.chdir(tmp_path)  # elsewhere
+    loaded = load_pretrained(folder).task
+    assert all(torch.equal(v, task.state_dict()[k]) for k, v in loaded.state_dict().items())

@@ -202,6 +202,10 @@ def save_pretrained(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     model_config = architecture_section(model_config)
+    for name, key in (("vision", "pretrained"), ("vision", "checkpoint"), ("lmm", "pretrained")):
+        init = _component_init(model_config, name)  # base files a load reads: found from any working directory
+        if init.get(key):
+            init[key] = str(Path(init[key]).resolve())
     architecture = describe_architecture(task)
     state = {k: v.detach() for k, v in task.state_dict().items()}
     if merge:
