@@ -72,16 +72,52 @@ def build_llm(size: str, vision_channels: int, image_pool_size: int | None) -> L
     return lmm
 
 
+def decoding_schedule(answer_tokens: int, groups: int, group_size: int) -> tuple[list[int], list[int]]:
+    """How ``LlavaLMM.generate`` feeds one row's answer of A ids holding ``groups`` codebook groups of
+    ``group_size`` ids that it completes (``group=``): the tokens fed per step after the prefill, and the answer
+    positions whose id comes from the LM head. Laid out as text, a group, text, ..., a group, text (the eos).
+    ``groups=0`` is free greedy decoding: one token per step, the head at every position."""
+    text = answer_tokens - groups * group_size
+    per = text // (groups + 1)
+    starts = []  # (A,) whether the id there opens a group
+    for _ in range(groups):
+        starts += [False] * per + [True] + [False] * (group_size - 1)
+    starts += [False] * (answer_tokens - len(starts))
+    runs, head, k = [], [0], 0  # the first id comes from the prefill's last state
+    while k < answer_tokens - 1:
+        if starts[k] and group_size > 1:  # fed whole: C - 1 ids without the head, then a free one
+            run = min(group_size, answer_tokens - 1 - k)
+            runs.append(run)
+            k += min(run, group_size - 1)
+            if run == group_size:
+                k += 1
+                head.append(k)
+        else:
+            runs.append(1)
+            k += 1
+            head.append(k)
+    return runs, head
+
+
 def llm_flops(
-    lmm: LlavaLMM, image_embeds: Tensor, text_tokens: int, answer_tokens: int, *, generation: bool = True
+    lmm: LlavaLMM,
+    image_embeds: Tensor,
+    text_tokens: int,
+    answer_tokens: int,
+    *,
+    generation: bool = True,
+    groups: int = 0,
+    group_size: int = 1,
 ) -> tuple[int, Tensor]:
-    """The LLM over [text | image | answer] embeddings and the LM head at the A positions that emit the answer.
+    """The LLM over [text | image | answer] embeddings and the LM head at the positions whose ids it gives.
 
     ``generation=True`` counts greedy decoding as ``LlavaLMM.generate`` runs it: a prefill over the prompt, then
-    one cached step per answer token but the last, which is never fed back. ``generation=False`` counts one
-    forward over the whole sequence (teacher forcing, as in training), run with ``use_cache=True`` and no padding
-    mask: the training forward's ``use_cache=False`` path runs transformers' packed-sequence check, which reads
-    tensor values and cannot run on meta. The matmuls are the same.
+    cached steps over the answer's tokens but the last, which is never fed back (``decoding_schedule``: with
+    ``groups`` completed groups, each is fed in one step and the head skips its ids after the first).
+    ``generation=False`` counts one forward over the whole sequence (teacher forcing, as in training, the head
+    at all A positions), run with ``use_cache=True`` and no padding mask: the training forward's
+    ``use_cache=False`` path runs transformers' packed-sequence check, which reads tensor values and cannot run
+    on meta. The matmuls are the same.
 
     Returns:
         The FLOPs and (1, A, H) the last-layer states that emit the answer tokens.
@@ -96,11 +132,12 @@ def llm_flops(
         return states
 
     def generate() -> Tensor:
+        runs, head = decoding_schedule(answer_tokens, groups, group_size)
         cache = DynamicCache(config=lmm.language_model.config)
-        states = [lmm.cached_forward(meta(1, prompt, width), cache)[:, -1:]]  # (1, 1, H) each
-        states += [lmm.cached_forward(meta(1, 1, width), cache) for _ in range(answer_tokens - 1)]
+        states = [lmm.cached_forward(meta(1, prompt, width), cache)[:, -1:]]  # (1, 1, H), then (1, run, H) each
+        states += [lmm.cached_forward(meta(1, run, width), cache) for run in runs]
         states = torch.cat(states, dim=1)  # (1, A, H)
-        lmm.lm_head(states)  # (1, A, V)
+        lmm.lm_head(states[:, head])  # (1, A', V)
         return states
 
     return count(generate if generation else forward)
@@ -117,14 +154,18 @@ def pixellm_parts(
     targets: int,
     *,
     generation: bool = True,
+    complete_groups: bool = True,
 ) -> dict[str, int]:
     """Per-part forward FLOPs of one sample through PixelLM parts built on the meta device (``generation``:
-    as in ``llm_flops``)."""
+    as in ``llm_flops``; ``complete_groups``: generation completes every codebook group, as ``PixelLMTask``
+    does by default, else free greedy decoding)."""
     size = vision.image_size
     parts = {}
     parts["vision encoder"], features = count(lambda: vision(meta(1, 3, size, size)))  # L x (1, C, h, w)
     image_flops, image_embeds = count(lambda: lmm.embed_image(features[0]))  # (1, P, H)
-    llm, states = llm_flops(lmm, image_embeds, text_tokens, answer_tokens, generation=generation)
+    groups = (targets, codebook.group_size) if complete_groups else (0, 1)
+    llm, states = llm_flops(lmm, image_embeds, text_tokens, answer_tokens, generation=generation,
+                            groups=groups[0], group_size=groups[1])
     parts["LLM (+ p_V->T, LM head)"] = image_flops + llm
     group = (codebook.num_scales, codebook.tokens_per_scale)
     code_states = states[0, : targets * codebook.group_size].reshape(targets, *group, -1)  # (K, L, N, H)
@@ -135,8 +176,8 @@ def pixellm_parts(
     return parts
 
 
-def pixellm(size: str, text_tokens: int, answer_tokens: int, targets: int) -> dict[str, int]:
-    """Per-part FLOPs of one PixelLM-7B/13B sample."""
+def pixellm(size: str, text_tokens: int, answer_tokens: int, targets: int, complete_groups: bool = True) -> dict[str, int]:
+    """Per-part FLOPs of one PixelLM-7B/13B sample (``complete_groups``: as in ``pixellm_parts``)."""
     with torch.device("meta"):
         vision = CLIPVisionEncoder(config=CLIP_L14, image_size=448, feature_layers=[-2, -11])
         lmm = build_llm(size, vision_channels=1024, image_pool_size=16)
@@ -145,7 +186,8 @@ def pixellm(size: str, text_tokens: int, answer_tokens: int, targets: int) -> di
         projection = build_projection(hidden)
         decoder = CascadedPixelDecoder(num_scales=2, dim=SAM_DIM)
     projection(CLIP_MAPS)  # an earlier sample of the evaluation formed its product (product_flops)
-    return pixellm_parts(vision, lmm, codebook, projection, decoder, text_tokens, answer_tokens, targets)
+    return pixellm_parts(vision, lmm, codebook, projection, decoder, text_tokens, answer_tokens, targets,
+                         complete_groups=complete_groups)
 
 
 def build_projection(hidden: int) -> VisionDecoderProjection:
@@ -272,7 +314,12 @@ def main() -> None:
           + ", ".join(f"{size} {product_flops(size) / 1e9:.1f} GFLOPs" for size in LLMS))
     print("\nPixelLM / LISA (paper: 0.50 at 7B, 0.65 at 13B):")
     for size in LLMS:
-        print(f"  {size}: {totals['PixelLM', size] / totals['LISA', size]:.4f}")
+        print(f"  {size}: {totals['PixelLM', size] / totals['LISA', size]:.7f}")
+    print("PixelLM / LISA with free greedy decoding (complete_codebook_groups=False, as the release decodes):")
+    for size in LLMS:
+        free = sum(pixellm(size, args.prompt_tokens, args.answer_tokens, args.targets, complete_groups=False).values())
+        print(f"  {size}: {free / totals['LISA', size]:.7f} (PixelLM-{size} {free / 1e12:.4f} TFLOPs, "
+              f"completed groups {totals['PixelLM', size] / 1e12:.4f})")
     lisa_answer = args.answer_tokens - 5 * args.targets  # the same answer text, one [SEG] per target, not 6 tokens
     print(f"PixelLM / LISA with LISA's answer as the same text with one [SEG] per target ({lisa_answer} tokens):")
     for size in LLMS:

@@ -105,8 +105,11 @@ def test_mismatched_widths_name_the_config_keys(tiny_config, build):
         build(tiny_config, "--model.init_args.codebook.init_args.hidden_size=48")
 
 
-@pytest.mark.parametrize(("override", "expected"), [((), True), (("--model.init_args.cuda_graph=false",), False)])
-def test_the_cuda_graph_setting_reaches_generation(tiny_config, build, monkeypatch, override, expected):
+@pytest.mark.parametrize(
+    ("override", "graph", "groups"),
+    [((), True, True), (("--model.init_args.cuda_graph=false", "--model.init_args.complete_codebook_groups=false"), False, False)],
+)
+def test_the_generation_settings_reach_generation(tiny_config, build, monkeypatch, override, graph, groups):
     task, data = build(tiny_config, *override)
     data.prepare_data()
     data.setup("predict")
@@ -115,7 +118,9 @@ def test_the_cuda_graph_setting_reaches_generation(tiny_config, build, monkeypat
     monkeypatch.setattr(task.lmm, "generate", lambda *args, **options: calls.append(options) or generate(*args, **options))
     with torch.no_grad():
         out = task.eval().predict_step(batch, 0)
-    assert calls == [{"cuda_graph": expected}] and len(out) == batch["input_ids"].shape[0]
+    assert len(calls) == 1 and calls[0]["cuda_graph"] is graph and len(out) == batch["input_ids"].shape[0]
+    group = calls[0]["group"]  # the shapes tokenizer spells a group as its six codebook ids alone
+    assert group.tolist() == task.codebook.token_ids.tolist() if groups else group is None
 
 
 def test_the_padding_of_a_non_square_image_is_left_out_of_attention(task_and_batch):

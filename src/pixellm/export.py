@@ -50,7 +50,7 @@ TOKENIZER_DIR = "tokenizer"
 PEFT_PREFIX = "base_model.model."  # key prefix of peft's PeftModel.save_pretrained
 ADAPTER_NAME = "default"
 ARCHITECTURE_COMPONENTS = ("vision", "lmm", "codebook", "projection", "decoder")
-MODEL_SETTINGS = ("max_new_tokens", "mask_image_padding")  # task arguments a folder keeps beside its parts
+MODEL_SETTINGS = ("max_new_tokens", "mask_image_padding", "complete_codebook_groups")  # task arguments a folder keeps beside its parts
 
 
 @dataclass

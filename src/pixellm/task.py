@@ -32,7 +32,7 @@ from pixellm.model.losses import PixelLMLoss
 from pixellm.model.projection import VisionDecoderProjection
 from pixellm.model.vision import VisionEncoder, valid_cells
 from pixellm.reliability.batch_rng import seed_batch
-from pixellm.reliability.codebook_groups import decode_answer, drop_malformed_groups
+from pixellm.reliability.codebook_groups import decode_answer, drop_malformed_groups, spelled_group
 from pixellm.reliability.nonfinite import NonFiniteLossGuard, any_rank_decision, skipped_step_loss
 from pixellm.reliability.skipping import is_empty_batch
 from pixellm.schedule import WarmupLinearLR
@@ -68,6 +68,10 @@ class PixelLMTask(LightningModule):
         max_new_tokens: generation length limit of ``predict_step`` and generate-mode evaluation.
         cuda_graph: on a GPU, replay generation's decoding step as a CUDA graph (``LlavaLMM.generate``);
             False runs every step eagerly (for profilers and debuggers that follow kernels one by one).
+        complete_codebook_groups: in generation, once a target's first codebook token is emitted, write the
+            rest of its group as training answers spell it (``LlavaLMM.generate``'s ``group``): no logits at
+            those positions and, for a single question, the group fed in one step; no group is broken off.
+            False: every id from the LM head, as the release decodes (a broken group yields no mask).
         match_cost: cost of the Hungarian matching of generated to ground-truth masks in
             generate-mode evaluation: "iou" (1 - IoU, the paper) or "bce_dice" (the released code's).
         max_nonfinite_steps: training steps with a NaN/Inf loss that are skipped (no update) before
@@ -91,6 +95,7 @@ class PixelLMTask(LightningModule):
         scheduler: LRSchedulerCallable | None = None,
         max_new_tokens: int = 64,
         cuda_graph: bool = True,
+        complete_codebook_groups: bool = True,
         match_cost: MatchCost = "iou",
         max_nonfinite_steps: int = 10,
         mask_image_padding: bool = True,
@@ -106,6 +111,7 @@ class PixelLMTask(LightningModule):
         self.scheduler_factory = scheduler
         self.max_new_tokens = max_new_tokens
         self.cuda_graph = cuda_graph
+        self.complete_codebook_groups = complete_codebook_groups
         self.match_cost = match_cost
         self.nonfinite = NonFiniteLossGuard(max_nonfinite_steps)
         self.batch_rng_seed: int | None = None  # seeds every training batch's random draws (reliability.batch_rng)
@@ -115,6 +121,8 @@ class PixelLMTask(LightningModule):
         self.tokenizer = load_tokenizer(tokenizer, codebook.tokens)
         self.codebook.bind(self.tokenizer.convert_tokens_to_ids(codebook.tokens))
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+        group = torch.tensor(spelled_group(self.tokenizer, codebook.tokens))  # (C,)
+        self.register_buffer("spelled_group", group, persistent=False)
         self.lmm.extend_vocabulary(len(self.tokenizer))
         self._check_widths()
         self.splits: list[EvalSplit] = []  # the running evaluation's splits (names: any string, not module keys)
@@ -323,7 +331,8 @@ class PixelLMTask(LightningModule):
         """Greedy generation with a KV cache; masks from the states that emitted codebook tokens."""
         features, inputs = self.encode(batch, with_labels=False)
         eos = self.tokenizer.eos_token_id
-        ids, states = self.lmm.generate(inputs, self.max_new_tokens, eos, cuda_graph=self.cuda_graph)  # (B, n), (B, n, H)
+        group = self.spelled_group if self.complete_codebook_groups else None
+        ids, states = self.lmm.generate(inputs, self.max_new_tokens, eos, cuda_graph=self.cuda_graph, group=group)  # (B, n), (B, n, H)
         after_eos = (ids == eos).cumsum(1) > 0
         ids = ids.masked_fill(after_eos, eos)
         whole_groups, malformed = drop_malformed_groups(ids, self.codebook.token_ids, eos)

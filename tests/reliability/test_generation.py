@@ -98,23 +98,30 @@ def test_a_broken_off_group_never_becomes_a_target(task_and_batch, monkeypatch):
     assert torch.equal(out[0]["masks"], expected)
 
 
-def test_codebook_strings_spelled_by_ordinary_pieces_are_not_targets(tmp_path):
-    """A Llama-like tokenizer can spell ``[SEG0]`` with ordinary pieces: the text must not show it as a target."""
+def llama_like_tokenizer(folder, pieces: list[str]):
+    """A SentencePiece-style (Metaspace) tokenizer of ``pieces``, saved in ``folder`` and loaded with the six
+    codebook tokens added."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from pixellm.inference.answer import number_targets
-    from pixellm.reliability.codebook_groups import codebook_pattern, decode_answer
     from pixellm.tokenizer import codebook_token_strings, load_tokenizer
 
-    pieces = ["<unk>", "<s>", "</s>", "▁the", "▁cat", "▁dog", "▁and", "▁[", "SE", "G", *"012345", "]", "."]
-    model = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(pieces)}, merges=[], unk_token="<unk>"))
+    model = Tokenizer(models.BPE(vocab={p: i for i, p in enumerate(["<unk>", "<s>", "</s>", *pieces])}, merges=[],
+                                 unk_token="<unk>"))
     model.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
     model.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="first")
-    PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(
-        tmp_path / "llama_like")
+    PreTrainedTokenizerFast(tokenizer_object=model, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
     tokens = codebook_token_strings(2, 3)
-    tokenizer = load_tokenizer(str(tmp_path / "llama_like"), tokens)
+    return load_tokenizer(str(folder), tokens), tokens
+
+
+def test_codebook_strings_spelled_by_ordinary_pieces_are_not_targets(tmp_path):
+    """A Llama-like tokenizer can spell ``[SEG0]`` with ordinary pieces: the text must not show it as a target."""
+    from pixellm.inference.answer import number_targets
+    from pixellm.reliability.codebook_groups import codebook_pattern, decode_answer
+
+    pieces = ["▁the", "▁cat", "▁dog", "▁and", "▁[", "SE", "G", *"012345", "]", "."]
+    tokenizer, tokens = llama_like_tokenizer(tmp_path / "llama_like", pieces)
     code = tokenizer.convert_tokens_to_ids(tokens)
     words = tokenizer.convert_tokens_to_ids
     spelled = [i for k in range(6) for i in words(["▁[", "SE", "G", str(k), "]"])]  # ordinary ids only
@@ -146,3 +153,25 @@ def test_runs_that_read_differently_in_context_are_decoded_apart():
 
     ids = [1, 2, 3, 0, 3]  # spelled "[SEG0]", " x", the codebook id, " x"
     assert decode_answer(ContextTokenizer(), ids, [0]) == "[ SEG0] x[SEG0] x"
+
+
+@pytest.mark.parametrize("spaces", ["ids", "none"])
+def test_the_spelled_group_is_how_encoded_answers_hold_every_group(tmp_path, spaces):
+    """Generation completes a group as ``spelled_group`` gives it: the ids training answers hold from a group's
+    first codebook token to its last, the ids of the spaces between them included (a SentencePiece ``▁``)."""
+    from pixellm.reliability.codebook_groups import spelled_group
+    from pixellm.tokenizer import codebook_token_strings, load_tokenizer
+
+    if spaces == "ids":
+        tokenizer, tokens = llama_like_tokenizer(tmp_path / "llama_like", ["▁", "▁the", "▁cat", "▁dog", "▁and", ".", ":"])
+    else:  # the shapes tokenizer splits at whitespace: no id between the codebook tokens
+        tokens = codebook_token_strings(2, 3)
+        tokenizer = load_tokenizer("shapes", tokens)
+    code = tokenizer.convert_tokens_to_ids(tokens)
+    group = spelled_group(tokenizer, tokens)
+    space = tokenizer.convert_tokens_to_ids("▁") if spaces == "ids" else None
+    assert group == ([i for c in code for i in (c, space)][:-1] if spaces == "ids" else code)
+    encoded = TextEncoder(tokenizer, tokens, "plain").encode("the cat and the dog", "the cat: {seg} and the dog {seg}.", 2)
+    ids = encoded.input_ids
+    starts = [p for p, i in enumerate(ids) if i == code[0]]
+    assert len(starts) == 2 and all(ids[p : p + len(group)] == group for p in starts)

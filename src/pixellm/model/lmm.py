@@ -326,6 +326,7 @@ class LlavaLMM(nn.Module):
         eos_token_id: int,
         static_cache: bool = True,
         cuda_graph: bool = True,
+        group: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Greedy decoding with a KV cache: one prefill over the prompt, then one token per step.
 
@@ -337,6 +338,12 @@ class LlavaLMM(nn.Module):
         ``torch.inference_mode`` and calls the embedding and head weights directly; the results are returned
         as ordinary tensors.
 
+        With ``group`` (a target's codebook tokens as training answers spell them), a row that emits
+        ``group[0]`` is given the rest of the group without the LM head: the ids are fixed by the codebook's
+        layout, so their logits are not computed, and a group is never broken off. When every unfinished row
+        has just started a group (always, for one row) the group is fed in one step of ``len(group)`` tokens
+        instead of ``len(group)`` steps of one (on a GPU that step runs eagerly, not as the graph).
+
         Args:
             inputs: the prompts, left-padded.
             max_new_tokens: n, the most tokens to generate.
@@ -344,15 +351,20 @@ class LlavaLMM(nn.Module):
             static_cache: decode a Llama over the static cache; False always uses ``DynamicCache``.
             cuda_graph: replay the static cache's decoding step as a CUDA graph when the LLM's weights are on a
                 GPU (``pixellm.model.decoding.supports_cuda_graph``); False runs it eagerly.
+            group: (C,) ids, C >= 1: the first codebook token, then every id up to the group's last codebook
+                token; None: free greedy decoding (every id from the LM head).
 
         Returns:
             ids: (B, n) generated ids, ``eos_token_id`` repeated after a row has finished;
-            states: (B, n, H) the last-layer state that emitted each generated id.
+            states: (B, n, H) the last-layer state that emitted each generated id (or, for an id of a
+                completed group, the state at the position where the head would have emitted it).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+        if group is not None and (group.dim() != 1 or len(group) == 0 or eos_token_id in group.tolist()):
+            raise ValueError(f"group must be a non-empty 1-d tensor of ids without the eos id, got {group.tolist()}")
         with torch.inference_mode():
-            ids, states = self._greedy(inputs, max_new_tokens, eos_token_id, static_cache, cuda_graph)
+            ids, states = self._greedy(inputs, max_new_tokens, eos_token_id, static_cache, cuda_graph, group)
         return ids.clone(), states.clone()
 
     def cached_forward(
@@ -376,45 +388,76 @@ class LlavaLMM(nn.Module):
         ).last_hidden_state
 
     def _greedy(
-        self, inputs: MultimodalInputs, max_new_tokens: int, eos_token_id: int, static_cache: bool, cuda_graph: bool
+        self,
+        inputs: MultimodalInputs,
+        max_new_tokens: int,
+        eos_token_id: int,
+        static_cache: bool,
+        cuda_graph: bool,
+        group: Tensor | None,
     ) -> tuple[Tensor, Tensor]:
         """The decoding loop of :meth:`generate` (same arguments and results)."""
-        state, step = self._decoding(inputs, max_new_tokens, static_cache, cuda_graph)  # (B, H) after the prompt, then one token per call
+        state, step = self._decoding(inputs, max_new_tokens, static_cache, cuda_graph)  # (B, H) after the prompt
         position = inputs.position_ids[:, -1:]  # (B, 1)
-        finished = torch.zeros(state.shape[0], dtype=torch.bool, device=state.device)
+        batch, device = state.shape[0], state.device
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        group = torch.full((1,), eos_token_id, device=device) if group is None else group.to(device)  # (C,)
+        written = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) ids of the row's open group so far
         head, embedding = self.lm_head, self.embed_tokens.weight
         ids, states = [], []
-        for index in range(max_new_tokens):
-            token = F.linear(state, head.weight, head.bias).argmax(-1)  # (B,)
+        while True:
+            forced = written > 0  # (B,) inside a group: the next id is group[written]
+            token = group[written]
+            if not bool((forced | finished).all()):
+                token = torch.where(forced, token, F.linear(state, head.weight, head.bias).argmax(-1))  # (B,)
             token = token.masked_fill(finished, eos_token_id)
             ids.append(token)
             states.append(state)
             finished |= token == eos_token_id
-            if index == max_new_tokens - 1 or bool(finished.all()):
+            written = torch.where(forced, written + 1, (token == group[0]).long()) % len(group)
+            left = max_new_tokens - len(ids)  # ids still to generate
+            if left == 0 or bool(finished.all()):
                 break  # the last token is never fed back: n tokens take the prefill and n - 1 steps
-            position = position + 1
-            state = step(F.embedding(token[:, None], embedding), position)  # (B, H)
+            # every unfinished row has just started a group: feed it whole (or what the length limit leaves)
+            whole = len(group) > 1 and bool(((written == 1) | finished).all())
+            run = min(len(group), left) if whole else 1  # tokens fed in this step
+            fed = torch.cat([token[:, None], group[1:run].expand(batch, -1)], 1).masked_fill(finished[:, None], eos_token_id)
+            positions = position + torch.arange(1, run + 1, device=device)  # (B, run)
+            out = step(F.embedding(fed, embedding), positions)  # (B, run, H)
+            position = positions[:, -1:]
+            if whole:  # the group's ids after group[0], each from the state of the id fed before it
+                for k in range(1, min(run, len(group) - 1) + 1):
+                    ids.append(group[k].expand(batch).masked_fill(finished, eos_token_id))
+                    states.append(out[:, k - 1])
+                written.zero_()  # the group is complete, or the length limit is reached
+                if len(ids) == max_new_tokens:
+                    break
+            state = out[:, -1]
         return torch.stack(ids, 1), torch.stack(states, 1)
 
     def _decoding(
         self, inputs: MultimodalInputs, max_new_tokens: int, static_cache: bool, cuda_graph: bool
     ) -> tuple[Tensor, Callable[[Tensor, Tensor], Tensor]]:
-        """The prompt's last state (B, H) and ``step(embeds (B, 1, H), positions (B, 1)) -> (B, H)``, which
-        feeds one token per call: over a static cache (``pixellm.model.decoding``) for a Llama with
-        ``static_cache`` (as a CUDA graph with ``cuda_graph`` on a GPU), else over transformers' ``DynamicCache``."""
+        """The prompt's last state (B, H) and ``step(embeds (B, S, H), positions (B, S)) -> (B, S, H)``, which
+        feeds S tokens per call: over a static cache (``pixellm.model.decoding``) for a Llama with
+        ``static_cache`` (one-token steps as a CUDA graph with ``cuda_graph`` on a GPU), else over transformers'
+        ``DynamicCache``."""
         embeds, keep = inputs.inputs_embeds, inputs.attention_mask.bool()  # (B, S', H), (B, S')
         prompt = embeds.shape[1]
         if static_cache and supports_static_decoding(self.language_model):
             decoder = StaticLlamaDecoder(self.language_model, keep, prompt + max_new_tokens - 1)
             slots = torch.arange(prompt, device=embeds.device)  # (S',)
             state = decoder.forward(embeds, inputs.position_ids, slots, span=prompt)[:, -1]
-            slot = torch.full((1,), prompt - 1, device=embeds.device)  # the cache slot of the last fed token
-            run = CudaGraphStep(decoder) if cuda_graph and supports_cuda_graph(self.language_model) else decoder.forward
+            last = prompt - 1  # the cache slot of the last fed token
+            graph = CudaGraphStep(decoder) if cuda_graph and supports_cuda_graph(self.language_model) else None
 
             def static_step(token_embeds: Tensor, positions: Tensor) -> Tensor:
-                nonlocal slot
-                slot = slot + 1
-                return run(token_embeds, positions, slot)[:, -1]
+                nonlocal last
+                length = token_embeds.shape[1]
+                slots = torch.arange(last + 1, last + 1 + length, device=token_embeds.device)  # (S,)
+                last += length
+                run = graph if graph is not None and length == 1 else decoder.forward
+                return run(token_embeds, positions, slots)
 
             return state, static_step
         cache = DynamicCache(config=self.language_model.config)
@@ -424,7 +467,7 @@ class LlavaLMM(nn.Module):
         def dynamic_step(token_embeds: Tensor, positions: Tensor) -> Tensor:
             nonlocal mask
             if mask is not None:
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-            return self.cached_forward(token_embeds, cache, mask, positions)[:, -1]
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], token_embeds.shape[1])], dim=1)
+            return self.cached_forward(token_embeds, cache, mask, positions)
 
         return state, dynamic_step

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
+from pixellm.data.conversation import SEG_PLACEHOLDER, fill_answer
 from pixellm.data.preprocess import neutralize_tokens
 
 
@@ -45,6 +46,27 @@ def whole_groups(slots: list[int], group_size: int) -> list[list[int]]:
             groups.append(group)
             group = []
     return groups
+
+
+def spelled_group(tokenizer: PreTrainedTokenizerBase, codebook_tokens: list[str]) -> list[int]:
+    """The ids a target's group spans in a training answer, from its first codebook token to its last.
+
+    Training answers write the L·N tokens space-separated (``fill_answer``) and ``TextEncoder`` tokenises
+    them with ``add_special_tokens=False``; a tokenizer may put ids for the spaces between the codebook
+    tokens (a SentencePiece ``▁``), which are part of the group as the model learnt it. The tokenizer
+    splits the text at the added codebook tokens first, so the ids between them do not depend on the
+    answer around the group.
+
+    Raises:
+        ValueError: If the codebook tokens do not come out once each, in order.
+    """
+    text = fill_answer(f"a {SEG_PLACEHOLDER} b", codebook_tokens)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    codes = tokenizer.convert_tokens_to_ids(codebook_tokens)
+    found = [i for i in ids if i in codes]
+    if found != codes:
+        raise ValueError(f"{text!r} tokenises to codebook ids {found}, expected {codes} in that order")
+    return ids[ids.index(codes[0]) : ids.index(codes[-1]) + 1]
 
 
 def codebook_pattern(codebook_tokens: list[str]) -> re.Pattern[str]:
