@@ -14,6 +14,10 @@ decoding step as a CUDA graph, and a fourth path, the same static cache run eage
 is shared and noisy, so the paths run alternately ``--repeats`` times and each figure is a median;
 "fastest" is the ratio of the two paths' fastest runs, the least disturbed by other load (a cached step
 is mostly per-call overhead, which suffers from a busy machine more than the recomputation's matmuls).
+A second table times one codebook group (``generate(..., group=...)``, PixelLMTask's completed groups): an
+answer of 7 ids whose first six are a group, decoded freely (six one-token steps after the prefill) and with
+the group completed (one six-token step), the group being the six ids free decoding writes, so both give the
+same ids; the prefill is subtracted from both.
 Run: python benchmarks/generate.py [--new-tokens 64 --prompt-tokens 64 --image-tokens 256 --repeats 5]
      python benchmarks/generate.py --sizes 7B --device cuda --dtype bfloat16   (LLaVA-7B's LLM on a GPU)
 """
@@ -37,6 +41,7 @@ SIZES = {
                vocab_size=32007),
 }
 IMAGE_ID = 999
+GROUP = 6  # ids of a codebook group, L = 2 x N = 3
 
 
 def build(name: str, device: torch.device, dtype: torch.dtype, prompt_tokens: int, image_tokens: int,
@@ -99,6 +104,7 @@ def main() -> None:
     print(f"{'model':<24}{'recompute s':>12}{'KV cache s':>11}{'speed-up':>9}{'fastest':>9}{'prefill s':>10}"
           f"{'cached step ms':>15}{'DynamicCache s':>15}{'static gain':>12}"
           + f"{'eager static s':>15}{'graph gain':>11}" * graphs + "  same tokens as ours")
+    group_rows = []
     for name in sizes:
         size = SIZES[name]
         lmm, ids, image = build(name, device, dtype, args.prompt_tokens, args.image_tokens, args.compile_layers)
@@ -106,7 +112,8 @@ def main() -> None:
             inputs = lmm.build_inputs(ids, torch.ones_like(ids), image, IMAGE_ID)
             lmm.generate(inputs, 4, -1)  # warm-up
             recompute(lmm, ids, image, 2)
-            times = {"prefill": [], "cache": [], "recompute": [], "dynamic": [], "eager": []}
+            group = lmm.generate(inputs, GROUP, -1)[0][0]  # (6,) the ids free decoding starts with
+            times = {"prefill": [], "cache": [], "recompute": [], "dynamic": [], "eager": [], "free": [], "completed": []}
             for _ in range(args.repeats):  # alternate the paths so that load changes hit both alike
                 times["prefill"].append(timed(lambda: lmm.generate(inputs, 1, -1), device)[0])  # noqa: B023
                 seconds, (fast_ids, _) = timed(lambda: lmm.generate(inputs, args.new_tokens, -1), device)  # noqa: B023
@@ -118,6 +125,10 @@ def main() -> None:
                                                   device)
                 times["dynamic"].append(seconds)
                 others["DynamicCache"] = dynamic_ids
+                seconds, (free_ids, _) = timed(lambda: lmm.generate(inputs, GROUP + 1, -1), device)  # noqa: B023
+                times["free"].append(seconds)
+                seconds, (group_ids, _) = timed(lambda: lmm.generate(inputs, GROUP + 1, -1, group=group), device)  # noqa: B023
+                times["completed"].append(seconds)
                 if graphs:
                     seconds, (eager_ids, _) = timed(lambda: lmm.generate(inputs, args.new_tokens, -1, cuda_graph=False),  # noqa: B023
                                                     device)
@@ -131,6 +142,11 @@ def main() -> None:
         eager = f"{statistics.median(times['eager']):>15.2f}{statistics.median(times['eager']) / fast:>10.2f}x" if graphs else ""
         print(f"{label:<24}{slow:>12.2f}{fast:>11.2f}{slow / fast:>8.1f}x{best:>8.1f}x{prefill:>10.3f}{step_ms:>15.1f}"
               f"{dynamic:>15.2f}{dynamic / fast:>11.2f}x{eager}  {same}")
+        free, completed = (1e3 * (statistics.median(times[k]) - prefill) for k in ("free", "completed"))
+        group_rows.append(f"{label:<24}{free:>10.1f}{completed:>15.1f}{free / completed:>9.1f}x  {torch.equal(free_ids, group_ids)}")
+    print(f"\none codebook group of {GROUP} ids (+ 1 id after it), decoding after the prefill, medians")
+    print(f"{'model':<24}{'free ms':>10}{'completed ms':>15}{'speed-up':>10}  same ids")
+    print("\n".join(group_rows))
 
 
 if __name__ == "__main__":

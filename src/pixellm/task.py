@@ -121,8 +121,7 @@ class PixelLMTask(LightningModule):
         self.tokenizer = load_tokenizer(tokenizer, codebook.tokens)
         self.codebook.bind(self.tokenizer.convert_tokens_to_ids(codebook.tokens))
         self.image_token_id = self.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-        group = torch.tensor(spelled_group(self.tokenizer, codebook.tokens))  # (C,)
-        self.register_buffer("spelled_group", group, persistent=False)
+        self.spelled_group = spelled_group(self.tokenizer, codebook.tokens)  # the C ids generation completes
         self.lmm.extend_vocabulary(len(self.tokenizer))
         self._check_widths()
         self.splits: list[EvalSplit] = []  # the running evaluation's splits (names: any string, not module keys)
@@ -331,7 +330,7 @@ class PixelLMTask(LightningModule):
         """Greedy generation with a KV cache; masks from the states that emitted codebook tokens."""
         features, inputs = self.encode(batch, with_labels=False)
         eos = self.tokenizer.eos_token_id
-        group = self.spelled_group if self.complete_codebook_groups else None
+        group = torch.tensor(self.spelled_group, device=inputs.inputs_embeds.device) if self.complete_codebook_groups else None
         ids, states = self.lmm.generate(inputs, self.max_new_tokens, eos, cuda_graph=self.cuda_graph, group=group)  # (B, n), (B, n, H)
         after_eos = (ids == eos).cumsum(1) > 0
         ids = ids.masked_fill(after_eos, eos)
