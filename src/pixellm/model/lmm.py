@@ -401,28 +401,34 @@ class LlavaLMM(nn.Module):
         position = inputs.position_ids[:, -1:]  # (B, 1)
         batch, device = state.shape[0], state.device
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        group = torch.full((1,), eos_token_id, device=device) if group is None else group.to(device)  # (C,)
+        completing = group is not None  # free decoding skips the group bookkeeping (and its host syncs)
+        group = group.to(device) if completing else None  # (C,)
         written = torch.zeros(batch, dtype=torch.long, device=device)  # (B,) ids of the row's open group so far
         head, embedding = self.lm_head, self.embed_tokens.weight
         ids, states = [], []
         while True:
-            forced = written > 0  # (B,) inside a group: the next id is group[written]
-            token = group[written]
-            if not bool((forced | finished).all()):
-                token = torch.where(forced, token, F.linear(state, head.weight, head.bias).argmax(-1))  # (B,)
+            forced = written > 0 if completing else None  # (B,) inside a group: the next id is group[written]
+            if completing and bool((forced | finished).all()):
+                token = group[written]  # no row needs the head
+            else:
+                token = F.linear(state, head.weight, head.bias).argmax(-1)  # (B,)
+                token = torch.where(forced, group[written], token) if completing else token
             token = token.masked_fill(finished, eos_token_id)
             ids.append(token)
             states.append(state)
             finished |= token == eos_token_id
-            written = torch.where(forced, written + 1, (token == group[0]).long()) % len(group)
+            if completing:
+                written = torch.where(forced, written + 1, (token == group[0]).long()) % len(group)
             left = max_new_tokens - len(ids)  # ids still to generate
             if left == 0 or bool(finished.all()):
                 break  # the last token is never fed back: n tokens take the prefill and n - 1 steps
             # every unfinished row has just started a group: feed it whole (or what the length limit leaves)
-            whole = len(group) > 1 and bool(((written == 1) | finished).all())
+            whole = completing and len(group) > 1 and bool(((written == 1) | finished).all())
             run = min(len(group), left) if whole else 1  # tokens fed in this step
-            fed = torch.cat([token[:, None], group[1:run].expand(batch, -1)], 1).masked_fill(finished[:, None], eos_token_id)
-            positions = position + torch.arange(1, run + 1, device=device)  # (B, run)
+            fed, positions = token[:, None], position + 1  # (B, 1) each
+            if whole:
+                fed = torch.cat([fed, group[1:run].expand(batch, -1)], 1).masked_fill(finished[:, None], eos_token_id)
+                positions = position + torch.arange(1, run + 1, device=device)  # (B, run)
             out = step(F.embedding(fed, embedding), positions)  # (B, run, H)
             position = positions[:, -1:]
             if whole:  # the group's ids after group[0], each from the state of the id fed before it
