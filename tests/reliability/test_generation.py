@@ -175,3 +175,8 @@ def test_the_spelled_group_is_how_encoded_answers_hold_every_group(tmp_path, spa
     ids = encoded.input_ids
     starts = [p for p, i in enumerate(ids) if i == code[0]]
     assert len(starts) == 2 and all(ids[p : p + len(group)] == group for p in starts)
+    if spaces == "ids":  # the tokenizer as saved, without the added codebook tokens: they come out as pieces
+        from transformers import PreTrainedTokenizerFast
+
+        with pytest.raises(ValueError, match="tokenises to codebook ids"):
+            spelled_group(PreTrainedTokenizerFast.from_pretrained(tmp_path / "llama_like"), tokens)
