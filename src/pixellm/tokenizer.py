@@ -103,7 +103,11 @@ def load_tokenizer(source: str, codebook_tokens: list[str]) -> transformers.PreT
             f"codebook tokens must be distinct and differ from {IMAGE_TOKEN!r}: {codebook_tokens}"
         )
     tokenizer = _shapes_tokenizer() if source == "shapes" else _local_tokenizer(source)
-    added = [AddedToken(t, special=True, normalized=False) for t in [IMAGE_TOKEN, *codebook_tokens]]
+    # A codebook token takes the spaces on its left, so "cat: [SEG0] [SEG1]" has no ids for those spaces, as the
+    # release's answers have none (its transformers 4.31 slow tokenizer strips the text around added tokens); the
+    # space on its right stays with the next word ("[SEG5] and" -> "▁and", as the release's dummy prefix makes it).
+    added = [AddedToken(IMAGE_TOKEN, special=True, normalized=False)]
+    added += [AddedToken(t, special=True, normalized=False, lstrip=True) for t in codebook_tokens]
     tokenizer.add_special_tokens(
         {"additional_special_tokens": added}, replace_extra_special_tokens=False
     )

@@ -131,9 +131,12 @@ def test_codebook_strings_spelled_by_ordinary_pieces_are_not_targets(tmp_path):
     assert len(codebook_pattern(tokens).findall(text)) == 6  # ours: only the codebook ids' group
     numbered = number_targets(text, tokens)
     assert len(numbered.labels) == 1 and numbered.text.endswith("and the dog [1].")  # one target: the dog's
-    assert text.replace("[ SEG", "[SEG") == tokenizer.decode(ids)  # the same text otherwise, spacing included
+    # the same text otherwise, but for a space before each codebook token (they take the spaces on their left)
+    glued = lambda t: t.replace(" [SEG", "[SEG")  # noqa: E731
+    assert glued(text.replace("[ SEG", "[SEG")) == glued(tokenizer.decode(ids))
     plain = words(["▁the", "▁cat"]) + code + words(["."])
-    assert decode_answer(tokenizer, plain, code) == tokenizer.decode(plain)
+    assert tokenizer.decode(plain) == "the cat" + "".join(tokens) + "."
+    assert decode_answer(tokenizer, plain, code) == "the cat " + " ".join(tokens) + "."
 
 
 def test_runs_that_read_differently_in_context_are_decoded_apart():
@@ -152,31 +155,41 @@ def test_runs_that_read_differently_in_context_are_decoded_apart():
             return [self.pieces[i] for i in ids]
 
     ids = [1, 2, 3, 0, 3]  # spelled "[SEG0]", " x", the codebook id, " x"
-    assert decode_answer(ContextTokenizer(), ids, [0]) == "[ SEG0] x[SEG0] x"
+    assert decode_answer(ContextTokenizer(), ids, [0]) == "[ SEG0] x [SEG0] x"  # a space before a codebook token
 
 
-@pytest.mark.parametrize("spaces", ["ids", "none"])
-def test_the_spelled_group_is_how_encoded_answers_hold_every_group(tmp_path, spaces):
+@pytest.mark.parametrize("tokenizer_kind", ["llama_like", "shapes", "spaces_kept"])
+def test_the_spelled_group_is_how_encoded_answers_hold_every_group(tmp_path, tokenizer_kind):
     """Generation completes a group as ``spelled_group`` gives it: the ids training answers hold from a group's
-    first codebook token to its last, the ids of the spaces between them included (a SentencePiece ``▁``)."""
-    from pixellm.reliability.codebook_groups import spelled_group
-    from pixellm.tokenizer import codebook_token_strings, load_tokenizer
+    first codebook token to its last. ``load_tokenizer``'s codebook tokens take the spaces on their left, so
+    those are the six codebook ids alone, as in the release's answers; a tokenizer whose codebook tokens keep
+    the spaces holds a SentencePiece ``▁`` between them, and the group holds it too."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
 
-    if spaces == "ids":
-        tokenizer, tokens = llama_like_tokenizer(tmp_path / "llama_like", ["▁", "▁the", "▁cat", "▁dog", "▁and", ".", ":"])
-    else:  # the shapes tokenizer splits at whitespace: no id between the codebook tokens
-        tokens = codebook_token_strings(2, 3)
+    from pixellm.reliability.codebook_groups import spelled_group
+    from pixellm.tokenizer import IMAGE_TOKEN, codebook_token_strings, load_tokenizer
+
+    tokens = codebook_token_strings(2, 3)
+    pieces = ["▁", "▁the", "▁cat", "▁dog", "▁and", ".", ":"]
+    if tokenizer_kind == "llama_like":
+        tokenizer, _ = llama_like_tokenizer(tmp_path / "llama_like", pieces)
+    elif tokenizer_kind == "shapes":  # splits at whitespace: no id for a space anywhere
         tokenizer = load_tokenizer("shapes", tokens)
+    else:
+        llama_like_tokenizer(tmp_path / "llama_like", pieces)
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(tmp_path / "llama_like")
+        tokenizer.add_special_tokens({"additional_special_tokens": [AddedToken(t, special=True, normalized=False)
+                                                                    for t in [IMAGE_TOKEN, *tokens]]})
     code = tokenizer.convert_tokens_to_ids(tokens)
     group = spelled_group(tokenizer, tokens)
-    space = tokenizer.convert_tokens_to_ids("▁") if spaces == "ids" else None
-    assert group == ([i for c in code for i in (c, space)][:-1] if spaces == "ids" else code)
+    space = tokenizer.convert_tokens_to_ids("▁")
+    assert group == ([i for c in code for i in (c, space)][:-1] if tokenizer_kind == "spaces_kept" else code)
     encoded = TextEncoder(tokenizer, tokens, "plain").encode("the cat and the dog", "the cat: {seg} and the dog {seg}.", 2)
     ids = encoded.input_ids
     starts = [p for p, i in enumerate(ids) if i == code[0]]
     assert len(starts) == 2 and all(ids[p : p + len(group)] == group for p in starts)
-    if spaces == "ids":  # the tokenizer as saved, without the added codebook tokens: they come out as pieces
-        from transformers import PreTrainedTokenizerFast
-
-        with pytest.raises(ValueError, match="tokenises to codebook ids"):
+    if tokenizer_kind == "llama_like":  # the word after a group keeps its space, as the release's "▁and"
+        assert tokenizer.convert_ids_to_tokens(ids[starts[0] + len(group)]).startswith("▁")
+        with pytest.raises(ValueError, match="tokenises to codebook ids"):  # the saved tokenizer, no codebook tokens
             spelled_group(PreTrainedTokenizerFast.from_pretrained(tmp_path / "llama_like"), tokens)

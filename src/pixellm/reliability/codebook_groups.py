@@ -78,12 +78,22 @@ def decode_answer(tokenizer: PreTrainedTokenizerBase, ids: list[int], codebook_i
     """``tokenizer.decode(ids)``, where a codebook token string that ordinary sub-word tokens spell out
     (``[`` ``SE`` ``G`` ``0`` ``]``) is broken up (``neutralize_tokens``): every codebook string of the
     text is then a codebook id, so the groups the text shows (``group_spans``) are the masks that
-    decoding the ids makes (``drop_malformed_groups``).
+    decoding the ids makes (``drop_malformed_groups``). A codebook token that the text glues to what
+    precedes it (the tokens take the spaces on their left, ``load_tokenizer``) gets a space before it:
+    ``"cat: [SEG0] [SEG1]"``, not ``"cat:[SEG0][SEG1]"``.
     """
-    text = tokenizer.decode(ids)
     codes = set(codebook_ids)
     tokens = tokenizer.convert_ids_to_tokens(sorted(codes))
     pattern = codebook_pattern(tokens)
+    text = _neutralized(tokenizer, ids, codes, tokens, pattern)
+    return re.sub(rf"(?<=\S)(?={pattern.pattern})", " ", text)
+
+
+def _neutralized(
+    tokenizer: PreTrainedTokenizerBase, ids: list[int], codes: set[int], tokens: list[str], pattern: re.Pattern[str]
+) -> str:
+    """``tokenizer.decode(ids)`` with the codebook strings that ordinary ids spell broken up (``decode_answer``)."""
+    text = tokenizer.decode(ids)
     # the ids as runs: a codebook id (one string in the text) or a run of ordinary ids (those it spells)
     runs = [(key, list(run)) for key, run in itertools.groupby(ids, key=lambda i: i in codes)]
     spelled = [len(run) if code else len(pattern.findall(tokenizer.decode(run))) for code, run in runs]
